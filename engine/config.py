@@ -1,8 +1,8 @@
 """YAML presets mapped onto frozen dataclasses, with ``--set a.b=c`` overrides.
 
-A preset is found by name in ``configs/<kind>/`` (e.g. ``--config demo`` -> ``configs/pipelines/demo.yaml``)
-or given as a path. Unknown or mistyped keys fail with the list of valid keys, so a typo never
-silently falls back to a default.
+A preset is found by name in ``configs/<kind>/`` (``--config demo`` ->
+``configs/pipelines/demo.yaml``) or given as a path. Unknown or mistyped keys fail with the
+list of valid keys, so a typo never silently falls back to a default.
 """
 
 from __future__ import annotations

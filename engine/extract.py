@@ -1,0 +1,212 @@
+"""Extraction runtime: images -> local store + global descriptors, batched, resumable, sharded.
+
+Any registered extractor plugs in (it only needs ``preprocess`` and ``extract_batch``). Images are
+decoded and resized by DataLoader workers; same-size inputs are grouped into buckets so the model
+sees full batches even when a collection mixes sizes. Output directory:
+
+    local.h5     local descriptors in our store layout (names inside; indexing.local_store)
+    global.f32   raw float32 ``[N, D]`` global descriptors, row i <-> store row i (the official
+                 ``*.pt`` format, reference-spec §1.4)
+    skipped.tsv  ``name<TAB>reason`` for every file that could not be used
+
+Crash safety: a batch's global rows are written and flushed before the store commits the batch,
+and on restart the global file is cut back to the store's committed row count, so the two never
+disagree and nothing committed is lost. Names already in the store are skipped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from engine.errors import UserError
+from feature_extractors.base import Extractor, ImageFeatures
+from feature_extractors.io import load_image
+from indexing.local_store import LocalStoreWriter
+
+logger = logging.getLogger(__name__)
+
+LOCAL_FILE = "local.h5"
+GLOBAL_FILE = "global.f32"
+SKIPPED_FILE = "skipped.tsv"
+
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+    """One image to extract: its stored name, file and optional query box ``x1, y1, x2, y2``."""
+
+    name: str
+    path: Path
+    box: tuple[float, float, float, float] | None = None
+
+
+@dataclasses.dataclass
+class ExtractReport:
+    """What one extraction run did."""
+
+    total: int  # items asked for
+    done: int  # items newly extracted in this run
+    resumed: int  # items found already in the store
+    skipped: list[tuple[str, str]]  # (name, one-line reason)
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """``"i/N"`` -> ``(i, N)`` with ``0 <= i < N``."""
+    if not text:
+        return None
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise UserError(f"--shard {text!r} must look like i/N, e.g. 0/4") from None
+    if not 0 <= i < n:
+        raise UserError(f"--shard {text!r}: need 0 <= i < N")
+    return i, n
+
+
+def shard_items(items: Sequence[Item], shard: tuple[int, int] | None) -> list[Item]:
+    """The contiguous i-th of N slices, so shards joined in order keep the list order."""
+    if shard is None:
+        return list(items)
+    i, n = shard
+    bounds = np.linspace(0, len(items), n + 1).round().astype(int)
+    return list(items[bounds[i] : bounds[i + 1]])
+
+
+class _Decode(torch.utils.data.Dataset):
+    """Decodes and preprocesses in DataLoader workers; errors travel back as strings."""
+
+    def __init__(self, items: Sequence[Item], extractor: Extractor):
+        self.items = items
+        self.extractor = extractor
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
+        item = self.items[i]
+        try:
+            return i, self.extractor.preprocess(load_image(item.path), item.box), None
+        except UserError as err:  # ImageError and extractor size checks
+            return i, None, str(err)
+
+
+class _GlobalAppender:
+    """Append-only raw float32 rows, cut back to ``committed`` rows on open."""
+
+    def __init__(self, path: Path, dim: int, committed: int):
+        self.path, self.dim = path, dim
+        mode = "r+b" if path.exists() else "w+b"
+        self.file = open(path, mode)  # noqa: SIM115 - closed in close()
+        have = os.path.getsize(path) // (4 * dim)
+        if have < committed:
+            raise UserError(
+                f"{path} holds {have} global rows but the local store committed {committed}; "
+                "delete the output folder and extract again"
+            )
+        self.file.truncate(committed * 4 * dim)
+        self.file.seek(0, os.SEEK_END)
+
+    def append(self, rows: np.ndarray) -> None:
+        self.file.write(np.ascontiguousarray(rows, dtype="<f4").tobytes())
+        self.file.flush()
+        os.fsync(self.file.fileno())
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _buckets(
+    loader: Iterator, batch_size: int, bar: tqdm, skipped: list, items: Sequence[Item]
+) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """Group decoded inputs by shape; yield full buckets, then the remainders."""
+    pending: dict[tuple[int, ...], list[tuple[int, torch.Tensor]]] = {}
+    for batch in loader:
+        for i, tensor, error in batch:
+            if error is not None:
+                skipped.append((items[i].name, error))
+                logger.warning("skipped %s: %s", items[i].path, error)
+                bar.update(1)
+                continue
+            bucket = pending.setdefault(tuple(tensor.shape), [])
+            bucket.append((i, tensor))
+            if len(bucket) == batch_size:
+                yield [j for j, _ in bucket], torch.stack([t for _, t in bucket])
+                del pending[tuple(tensor.shape)]
+    for bucket in pending.values():
+        yield [j for j, _ in bucket], torch.stack([t for _, t in bucket])
+
+
+def extract(
+    extractor: Extractor,
+    items: Sequence[Item],
+    out_dir: Path,
+    batch_size: int = 8,
+    num_workers: int = 0,
+    store_dtype: str = "float16",
+    attrs: dict | None = None,
+) -> ExtractReport:
+    """Extract ``items`` into ``out_dir`` (see module docstring), resuming a previous run."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = [it.name for it in items]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise UserError(f"image name {dup!r} appears twice in the input list; names must be unique")
+    skipped: list[tuple[str, str]] = []
+    with LocalStoreWriter(
+        out_dir / LOCAL_FILE,
+        num_local=extractor.num_local,
+        dim=extractor.local_dim,
+        dtype=store_dtype,
+        attrs=attrs,
+    ) as store:
+        stored = set(store.names)
+        todo = [it for it in items if it.name not in stored]
+        globals_out = _GlobalAppender(out_dir / GLOBAL_FILE, extractor.global_dim, len(stored))
+        loader = torch.utils.data.DataLoader(
+            _Decode(todo, extractor),
+            batch_size=max(1, batch_size),
+            num_workers=num_workers,
+            collate_fn=list,
+        )
+        device = extractor.device
+        try:
+            with tqdm(total=len(todo), desc="extract", unit="img", dynamic_ncols=True) as bar:
+                for ids, batch in _buckets(iter(loader), batch_size, bar, skipped, todo):
+                    feats: list[ImageFeatures] = extractor.extract_batch(batch.to(device))
+                    globals_out.append(np.stack([f.global_desc for f in feats]))
+                    store.append(
+                        [todo[i].name for i in ids], np.stack([f.local.to_rows() for f in feats])
+                    )
+                    bar.update(len(ids))
+        finally:
+            globals_out.close()
+    _append_skipped(out_dir / SKIPPED_FILE, skipped)
+    return ExtractReport(len(items), len(todo) - len(skipped), len(items) - len(todo), skipped)
+
+
+def _append_skipped(path: Path, skipped: list[tuple[str, str]]) -> None:
+    """Keep one line per skipped name (a rerun that skips it again does not duplicate it)."""
+    known = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            name, _, reason = line.partition("\t")
+            known[name] = reason
+    known.update(dict(skipped))
+    path.write_text("".join(f"{n}\t{r}\n" for n, r in known.items()))
+
+
+def read_globals(out_dir: Path, dim: int, count: int) -> np.ndarray:
+    """Memory-map ``global.f32`` as ``[count, dim]`` float32 (read-only)."""
+    path = Path(out_dir) / GLOBAL_FILE
+    expected = count * dim * 4
+    if not path.is_file() or os.path.getsize(path) < expected:
+        raise UserError(f"{path} is missing or shorter than {count} rows; re-run extraction")
+    return np.memmap(path, dtype="<f4", mode="r", shape=(count, dim))

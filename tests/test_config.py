@@ -1,0 +1,72 @@
+"""Config loading: presets, overrides, unknown keys and wrong types fail with the valid keys."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import yaml
+
+from engine import config as cfg
+from engine.errors import UserError
+
+
+def test_defaults_and_preset():
+    default = cfg.load(cfg.PipelineConfig)
+    assert default.search.topk == 400 and default.extractor.name == "efficientnet_lite0"
+    demo = cfg.load(cfg.PipelineConfig, "demo")
+    assert demo.search.topk == 100 and demo.extractor.options["num_local"] == 49
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        demo.search.topk = 5  # type: ignore[misc]
+
+
+def test_overrides_nested_lists_and_types():
+    config = cfg.load(
+        cfg.PipelineConfig,
+        "default",
+        ["search.topk=50", "extractor.options.imsize=512", "search.rerank=[{name: superglobal}]"],
+    )
+    assert config.search.topk == 50
+    assert config.extractor.options == {"num_local": 49, "imsize": 512}
+    assert config.search.rerank == (cfg.StageConfig("superglobal", {}),)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["search.topkk=5"],
+            "unknown config key search.topkk; valid keys here: ['rerank', 'show', 'topk']",
+        ),
+        (["serch.topk=5"], "unknown config key serch"),
+        (["search.topk=many"], "config key search.topk must be int"),
+        (["search.topk=true"], "config key search.topk must be int"),
+        (["search.rerank=[{options: {}}]"], "needs key 'name'"),
+        (["novalue"], "must look like key.sub=value"),
+    ],
+)
+def test_bad_keys_name_the_key_and_the_fix(overrides, message):
+    with pytest.raises(UserError, match=None) as err:
+        cfg.load(cfg.PipelineConfig, "default", overrides)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_unknown_preset_lists_choices(tmp_path):
+    with pytest.raises(UserError, match="choose one of .*'default'.*'demo'"):
+        cfg.load(cfg.PipelineConfig, "nosuchpreset")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("search: [unclosed")
+    with pytest.raises(UserError, match="not valid YAML"):
+        cfg.load(cfg.PipelineConfig, bad)
+    with pytest.raises(UserError, match="does not exist"):
+        cfg.load(cfg.PipelineConfig, tmp_path / "missing.yaml")
+
+
+def test_saved_config_round_trips(tmp_path):
+    config = cfg.load(
+        cfg.PipelineConfig, "demo", ["search.rerank=[{name: locore, options: {alpha: 0.3}}]"]
+    )
+    path = cfg.save(config, tmp_path / "config.yaml")
+    assert yaml.safe_load(path.read_text())["search"]["rerank"][0]["options"]["alpha"] == 0.3
+    assert cfg.load(cfg.PipelineConfig, path) == config

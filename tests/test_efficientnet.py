@@ -1,0 +1,87 @@
+"""The offline default extractor uses the real ImageNet weights and the documented descriptors."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from skimage import data
+
+import feature_extractors
+from engine.errors import UserError
+from feature_extractors.efficientnet import LOCAL_STRIDE
+
+
+@pytest.fixture(scope="module")
+def extractor():
+    return feature_extractors.create("efficientnet_lite0")
+
+
+@pytest.mark.parametrize(("photo", "label"), [("chelsea", 285), ("coffee", 967)])
+def test_real_weights_classify_real_photos(extractor, photo, label):
+    # offline-default.md: a wrong mapping or preprocessing gives unrelated predictions.
+    image = cv2.resize(getattr(data, photo)(), (224, 224), interpolation=cv2.INTER_CUBIC)
+    x = torch.from_numpy(image).permute(2, 0, 1).float() / 255
+    probs = extractor.classify(((x - extractor.mean) / extractor.std)[None])
+    assert probs.argmax().item() == label
+    assert probs.max().item() > 0.5
+
+
+def test_descriptors_follow_the_documented_definition(extractor):
+    image = data.astronaut()
+    feats = extractor.extract(image)
+    x = extractor.preprocess(image)[None]
+    local_map, last = extractor.feature_maps(x)
+    # global: GeM p=3 of the last map, L2-normalised
+    gem = last.clamp(min=1e-6).pow(3).mean(dim=(2, 3)).pow(1 / 3)[0]
+    np.testing.assert_allclose(feats.global_desc, (gem / gem.norm()).detach().numpy(), atol=1e-5)
+    assert np.isclose(np.linalg.norm(feats.global_desc), 1, atol=1e-5)
+    # local: top-49 locations of the stride-16 map by activation norm, normalised
+    tokens = local_map[0].flatten(1).T
+    norms = tokens.norm(dim=1)
+    top = torch.topk(norms, 49).indices
+    np.testing.assert_allclose(feats.local.weights, norms[top].detach().numpy(), rtol=1e-5)
+    np.testing.assert_allclose(
+        feats.local.desc, (tokens[top] / norms[top, None]).detach().numpy(), atol=1e-5
+    )
+    gw = local_map.shape[3]
+    r, c = top[0].item() // gw, top[0].item() % gw
+    h, w = x.shape[2:]
+    assert feats.local.positions[0].tolist() == pytest.approx(
+        [(r * LOCAL_STRIDE + 8) / h, (c * LOCAL_STRIDE + 8) / w]
+    )
+    assert not feats.local.mask.any() and (np.diff(feats.local.weights) <= 0).all()
+    rows = feats.local.to_rows()
+    assert rows.shape == (49, 5 + 112) and (rows[:, 3] == 0).all()
+
+
+def test_box_crop_and_padding_rows(extractor):
+    image = data.coffee()  # 400 x 600
+    crop = extractor.preprocess(image, (100, 50, 292, 242))
+    # scale from the full image: 384 / 600; crop 192 px -> 122.9 -> 128 (multiple of 32)
+    assert tuple(crop.shape) == (3, 128, 128)
+    feats = feature_extractors.create("efficientnet_lite0", num_local=100).extract(
+        image, (100, 50, 292, 242)
+    )
+    # 128 / 16 = 8 x 8 = 64 locations < 100 rows: the rest is padding
+    assert feats.local.mask.sum() == 36 and (feats.local.desc[feats.local.mask] == 0).all()
+
+
+def test_too_small_region_is_a_user_error(extractor):
+    with pytest.raises(UserError, match="too small"):
+        extractor.preprocess(np.zeros((10, 10, 3), np.uint8))
+
+
+def test_wrong_weights_file_is_reported(tmp_path):
+    path = tmp_path / "w.pth"
+    torch.save({"a": torch.zeros(3)}, path)
+    with pytest.raises(UserError, match="hold 1 tensors"):
+        feature_extractors.create("efficientnet_lite0", weights=str(path))
+
+
+def test_unknown_option_and_name():
+    with pytest.raises(UserError, match="unknown option 'topk'.*valid options"):
+        feature_extractors.create("efficientnet_lite0", topk=3)
+    with pytest.raises(UserError, match="unknown extractor 'nope'"):
+        feature_extractors.create("nope")
