@@ -161,7 +161,7 @@ def make_view(photo: np.ndarray, p: ViewParams, rng: np.random.Generator) -> np.
 def make_query(
     photo: np.ndarray, texture: np.ndarray, rng: np.random.Generator
 ) -> tuple[np.ndarray, list[float]]:
-    """A query view pasted on a texture background; returns the image and its ``x1,y1,x2,y2`` box."""
+    """A query view on a texture background; returns the image and its ``x1,y1,x2,y2`` box."""
     view = _resize_long(make_view(photo, QUERY, rng), int(LONG_SIDE * 0.75))
     vh, vw = view.shape[:2]
     canvas_h, canvas_w = int(vh * rng.uniform(1.2, 1.4)), int(vw * rng.uniform(1.2, 1.4))
