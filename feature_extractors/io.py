@@ -25,8 +25,8 @@ class ImageError(UserError):
 def list_images(folder: Path) -> list[Path]:
     """All files below ``folder`` in sorted order, hidden files excluded.
 
-    Every regular file is listed (not only known suffixes) so that a file that is not an image is
-    reported as skipped instead of silently ignored.
+    Every file is listed (not only known suffixes, broken links included) so that a file that is
+    not a usable image is reported as skipped instead of silently ignored.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -34,7 +34,8 @@ def list_images(folder: Path) -> list[Path]:
     files = [
         p
         for p in folder.rglob("*")
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+        if (p.is_file() or p.is_symlink())
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
     ]
     return sorted(files)
 
