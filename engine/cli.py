@@ -94,6 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader logs CPU-feature probing
     try:
         from tqdm.contrib.logging import logging_redirect_tqdm
 
