@@ -65,11 +65,12 @@ class LocalStoreWriter:
         if DATASET in self.file:
             ds = self.file[DATASET]
             if ds.shape[1:] != (num_local, width) or ds.dtype != np.dtype(dtype):
-                self.file.close()
-                raise UserError(
+                message = (
                     f"store {self.path} holds {ds.dtype} rows of shape {ds.shape[1:]}, not "
                     f"{dtype} {(num_local, width)}; write to a new file"
                 )
+                self.file.close()
+                raise UserError(message)
         else:
             self.file.create_dataset(
                 DATASET,

@@ -15,6 +15,8 @@ RERANKERS = Registry(
     {
         "superglobal": "rerank.superglobal:superglobal",
         "locore": "rerank.locore.reranker:locore",
+        # the paper's checkpoint (vislang/locore_dinov2_base) is the factory's default
+        "locore_base": "rerank.locore.reranker:locore",
     },
 )
 

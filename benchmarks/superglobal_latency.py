@@ -1,0 +1,140 @@
+"""Per-query latency of SuperGlobal re-ranking (M shortlisted descriptors of D dimensions).
+
+Two numbers per setting: ``compute`` (the batched matrix work of
+:func:`rerank.superglobal.superglobal_scores` on descriptors already on the device) and ``stage``
+(:meth:`SuperGlobalReranker.rerank` end to end: gathering the shortlisted rows from a database
+array, the compute, and the re-sort), each divided by the number of queries in the batch.
+
+Usage (wired as ``locore bench superglobal`` by the CLI, or directly):
+    python -m benchmarks.superglobal_latency --dims 2048 768 --queries 1 70
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+from indexing.shortlist import Shortlist
+from rerank.base import Database, Queries
+from rerank.superglobal import SuperGlobalReranker, resolve_device, superglobal_scores
+
+
+@dataclasses.dataclass
+class Timing:
+    """Per-query milliseconds of one setting: best and median of the repeats.
+
+    On a shared machine the best run is the closest to the method's own cost; the median shows
+    what a loaded machine gives.
+    """
+
+    dim: int
+    m: int
+    queries: int
+    dtype: str
+    device: str
+    compute_ms: tuple[float, float]
+    stage_ms: tuple[float, float]
+
+
+def _best_median_ms(
+    fn: Callable[[], object], repeats: int, sync: Callable[[], None], per: int
+) -> tuple[float, float]:
+    fn()  # warm-up: allocator, kernels, thread pool
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return 1000.0 * min(times) / per, 1000.0 * float(np.median(times)) / per
+
+
+def measure(
+    dim: int,
+    m: int = 400,
+    queries: int = 1,
+    database: int = 20_000,
+    dtype: str = "float32",
+    device: str = "auto",
+    repeats: int = 10,
+    seed: int = 0,
+) -> Timing:
+    """Time SuperGlobal for ``queries`` random queries with ``m``-long shortlists of ``dim``-D."""
+    dev = resolve_device(device)
+    rng = np.random.default_rng(seed)
+    db = rng.standard_normal((database, dim), dtype=np.float32)
+    db /= np.linalg.norm(db, axis=1, keepdims=True)
+    q = db[rng.integers(0, database, queries)]
+    ids = np.stack([rng.choice(database, m, replace=False) for _ in range(queries)])
+    shortlist = Shortlist(ids=ids.astype(np.int64), sims=np.zeros(ids.shape, np.float32))
+    stage = SuperGlobalReranker(m=m, device=str(dev), dtype=dtype, batch_size=max(queries, 1))
+    torch_dtype = torch.float64 if dtype == "float64" else torch.float32
+    q_t = torch.as_tensor(q, device=dev, dtype=torch_dtype)
+    x_t = torch.as_tensor(db[ids], device=dev, dtype=torch_dtype)
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    with torch.inference_mode():
+        compute = _best_median_ms(lambda: superglobal_scores(q_t, x_t), repeats, sync, queries)
+    whole = _best_median_ms(
+        lambda: stage.rerank(Queries(q), shortlist, Database(db)), repeats, sync, queries
+    )
+    return Timing(dim, m, queries, dtype, str(dev), compute, whole)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``locore bench superglobal``."""
+    parser.add_argument("--dims", type=int, nargs="+", default=[2048, 768])
+    parser.add_argument("--m", type=int, default=400, help="shortlist length re-ranked")
+    parser.add_argument("--queries", type=int, nargs="+", default=[1, 70], help="batch sizes")
+    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--json", type=str, default=None, help="also write the rows here")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Measure every (dim, queries) pair and print a markdown table."""
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    rows = [
+        measure(dim, args.m, n, dtype=args.dtype, device=args.device, repeats=args.repeats)
+        for dim in args.dims
+        for n in args.queries
+    ]
+    print(
+        "| D | M | queries per batch | dtype | device | compute ms/query best (median) "
+        "| stage ms/query best (median) |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r.dim} | {r.m} | {r.queries} | {r.dtype} | {r.device} | "
+            f"{r.compute_ms[0]:.2f} ({r.compute_ms[1]:.2f}) | "
+            f"{r.stage_ms[0]:.2f} ({r.stage_ms[1]:.2f}) |"
+        )
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump([dataclasses.asdict(r) for r in rows], fh, indent=2)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m benchmarks.superglobal_latency``."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

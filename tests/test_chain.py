@@ -1,0 +1,104 @@
+"""Re-ranking chains: stages in order, each reading the previous ranking and its scores."""
+
+import numpy as np
+import pytest
+import rerank_helpers as helpers
+import torch
+
+from engine.config import StageConfig
+from engine.errors import UserError
+from indexing.shortlist import Shortlist
+from rerank.chain import build_chain
+from rerank.locore.model import build_model
+from rerank.locore.reranker import LocoreOptions, LocoreReranker
+from rerank.superglobal import SuperGlobalReranker
+
+SG = StageConfig("superglobal", {"m": 30, "k": 3, "device": "cpu", "dtype": "float64"})
+
+
+def locore_stage(model=None) -> LocoreReranker:
+    options = LocoreOptions(num_local=4, topk=25, window=8, stride=3, alpha=0.3, temp=0.5)
+    return LocoreReranker(model or helpers.StandInModel(), options)
+
+
+def test_superglobal_then_locore_feeds_each_stage_the_previous_ranking():
+    queries, shortlist, database = helpers.collection(num_q=4)
+    locore = locore_stage()
+    final, stages = build_chain([SG, locore]).run(queries, shortlist, database)
+    assert len(stages) == 2
+    sg = SuperGlobalReranker(m=30, k=3, device="cpu", dtype="float64").rerank(
+        queries, shortlist, database
+    )
+    np.testing.assert_array_equal(stages[0].ids, sg.ids)
+    np.testing.assert_array_equal(stages[0].scores, sg.scores)
+    # LoCoRe fuses with SuperGlobal's scores, not with the first-stage similarities.
+    manual = locore.rerank(queries, Shortlist(ids=sg.ids, sims=sg.scores), database)
+    np.testing.assert_array_equal(stages[1].ids, manual.ids)
+    np.testing.assert_array_equal(stages[1].before, sg.ids)
+    np.testing.assert_array_equal(final.ids, manual.ids)
+    np.testing.assert_array_equal(final.scores, manual.scores)
+    np.testing.assert_array_equal(final.before, shortlist.ids)
+    from_first_stage = locore.rerank(queries, shortlist, database)
+    assert not np.array_equal(from_first_stage.ids, final.ids)
+
+
+def test_locore_alone_and_empty_chain():
+    queries, shortlist, database = helpers.collection(num_q=2)
+    locore = locore_stage()
+    final, stages = build_chain([locore]).run(queries, shortlist, database)
+    np.testing.assert_array_equal(final.ids, locore.rerank(queries, shortlist, database).ids)
+    final, stages = build_chain([]).run(queries, shortlist, database)
+    assert stages == []
+    np.testing.assert_array_equal(final.ids, shortlist.ids)
+    np.testing.assert_array_equal(final.scores, shortlist.sims)
+
+
+def test_stage_specs_in_every_accepted_form():
+    queries, shortlist, database = helpers.collection(num_q=2)
+    options = dict(SG.options)
+    forms = [SG, ("superglobal", options), {"name": "superglobal", "options": options}]
+    specs = [f if not isinstance(f, dict) else StageConfig(**f) for f in forms]
+    results = [build_chain([s]).run(queries, shortlist, database)[0] for s in specs]
+    for other in results[1:]:
+        np.testing.assert_array_equal(other.ids, results[0].ids)
+    assert build_chain(["superglobal"]).stages[0].m == 400
+
+
+def test_bad_specs_are_user_errors():
+    with pytest.raises(UserError, match="unknown re-ranker"):
+        build_chain(["supreglobal"])
+    with pytest.raises(UserError, match="unknown option 'kk'"):
+        build_chain([("superglobal", {"kk": 3})])
+    with pytest.raises(UserError, match="must be a mapping"):
+        build_chain([("superglobal", [3])])
+    with pytest.raises(UserError, match="must be a name"):
+        build_chain([42])
+
+
+def test_superglobal_and_a_saved_micro_checkpoint_through_the_registry(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("micro", local_dim=helpers.DIM, global_dim=helpers.GLOBAL_DIM, num_layers=1)
+    model.save_pretrained(tmp_path / "micro")
+    queries, shortlist, database = helpers.collection(num_q=3)
+    locore = StageConfig(
+        "locore",
+        {
+            "checkpoint": str(tmp_path / "micro"),
+            "device": "cpu",
+            "num_local": 4,
+            "topk": 20,
+            "window": 7,
+            "stride": 3,
+            "alpha": 0.0,
+            "temp": 1.0,
+        },
+    )
+    final, (sg, _) = build_chain([SG, locore]).run(queries, shortlist, database)
+    assert not np.array_equal(final.ids[:, :20], sg.ids[:, :20])  # LoCoRe re-ordered
+    np.testing.assert_array_equal(final.ids[:, 20:], sg.ids[:, 20:])
+    options = LocoreOptions(num_local=4, topk=20, window=7, stride=3, alpha=0.0, temp=1.0)
+    expected = LocoreReranker(model, options).rerank(
+        queries, Shortlist(ids=sg.ids, sims=sg.scores), database
+    )
+    np.testing.assert_array_equal(final.ids, expected.ids)
+    np.testing.assert_allclose(final.scores, expected.scores, rtol=0, atol=1e-6)
