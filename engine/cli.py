@@ -33,6 +33,7 @@ BENCH_TARGETS: dict[str, tuple[str, str]] = {
     "extract": ("benchmarks.speed.extract", "extractor throughput (images/s)"),
     "rerank": ("benchmarks.speed.rerank", "LoCoRe latency per 100-image list, both backends"),
     "listwise": ("benchmarks.synthetic_listwise", "synthetic proof of list-wise context"),
+    "superglobal": ("benchmarks.superglobal_latency", "SuperGlobal re-ranking latency per query"),
 }
 
 
