@@ -44,6 +44,12 @@ def add_extract_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images", type=Path, required=True, help="folder of images")
     p.add_argument("--out", type=Path, required=True, help="output folder (resumed if present)")
     p.add_argument("--shard", default=None, help="i/N: extract the i-th of N contiguous slices")
+    p.add_argument(
+        "--official",
+        default=None,
+        metavar="PREFIX",
+        help="also write PREFIX_local.hdf5 (flat float32) and PREFIX_global.pt in --out",
+    )
 
 
 def run_extract(args: argparse.Namespace) -> int:
@@ -67,6 +73,13 @@ def run_extract(args: argparse.Namespace) -> int:
         store_dtype=config.extractor.store_dtype,
         attrs={"extractor": config.extractor.name},
     )
+    if args.official:
+        from engine.extract import export_official
+
+        done = {name for name, _ in report.skipped}
+        order = [it.name for it in items if it.name not in done]
+        for path in export_official(out, order, out, args.official):
+            print(f"official layout -> {path}")
     print(
         f"extracted {report.done} new, {report.resumed} already stored, "
         f"{len(report.skipped)} skipped (see {out / 'skipped.tsv'}) -> {out}"

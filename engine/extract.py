@@ -210,3 +210,32 @@ def read_globals(out_dir: Path, dim: int, count: int) -> np.ndarray:
     if not path.is_file() or os.path.getsize(path) < expected:
         raise UserError(f"{path} is missing or shorter than {count} rows; re-run extraction")
     return np.memmap(path, dtype="<f4", mode="r", shape=(count, dim))
+
+
+def export_official(out_dir: Path, order: Sequence[str], dest: Path, prefix: str) -> list[Path]:
+    """Write the official layouts from an extraction folder, rows in ``order`` (list order).
+
+    ``<prefix>_local.hdf5``: dataset ``features`` float32 ``[N, K, 5 + D]`` (flat layout);
+    ``<prefix>_global.pt``: raw float32 ``[N, D]`` (reference-spec §1.3-1.4), so features can be
+    compared with official files byte for byte.
+    """
+    import h5py
+
+    from indexing.local_store import LocalStore
+
+    out_dir, dest = Path(out_dir), Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    with LocalStore(out_dir / LOCAL_FILE) as store:
+        position = {name: i for i, name in enumerate(store.names or [])}
+        missing = [n for n in order if n not in position]
+        if missing:
+            raise UserError(f"{missing[0]!r} is not in {out_dir}; extract it before exporting")
+        ids = np.array([position[n] for n in order], dtype=np.int64)
+        local_path = dest / f"{prefix}_local.hdf5"
+        with h5py.File(local_path, "w") as f:
+            f.create_dataset("features", data=store.rows(ids), dtype="float32")
+        dim = os.path.getsize(out_dir / GLOBAL_FILE) // (4 * max(len(store), 1))
+        globals_ = read_globals(out_dir, dim, len(store))
+    global_path = dest / f"{prefix}_global.pt"
+    np.ascontiguousarray(globals_[ids], dtype="<f4").tofile(global_path)
+    return [local_path, global_path]
