@@ -1,0 +1,1 @@
+"""LoCoRe training: lists from global neighbours, gallery shuffling, a resumable loop."""
