@@ -3,8 +3,10 @@ PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
-# The pinned CPU build; a bare "torch" requirement would pull a multi-GB CUDA build.
-TORCH   ?= torch==2.13.0
+# Pinned torch. A bare "torch" requirement would pull the newest multi-GB CUDA build. timm needs
+# torchvision, and PyPI's torchvision imports only beside torch 2.14.1 (not the 2.13.0 CPU
+# build), so the pinned pair is installed together (both come from this machine's local disk).
+TORCH   ?= torch==2.14.1 torchvision==0.29.1
 DEMO_OUT ?= demo_out
 
 .PHONY: install demo test lint format clean

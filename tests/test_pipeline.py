@@ -19,7 +19,7 @@ SPEC = DemoSpec(easy=2, hard=1, junk=1, queries=1, train_views=1, distractors=8)
 def demo_index(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
     collection = generate(root / "collection", SPEC)
-    config = cfg.load(cfg.PipelineConfig, "demo")
+    config = cfg.load(cfg.PipelineConfig, "demo", ["search.rerank=[]"])
     build_index(collection / "jpg", root / "index", config)
     return collection, root / "index"
 
@@ -83,3 +83,21 @@ def test_cli_search_writes_jsonl_and_grid(demo_index, tmp_path, capsys):
     record = json.loads(out.read_text())
     assert record["results"][0]["name"].startswith("coffee_")
     assert grid.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_demo_reranker_changes_ranks(demo_index, tmp_path):
+    """The committed demo checkpoint re-ranks through the configured chain."""
+    collection, index_dir = demo_index
+    demo = cfg.load(cfg.PipelineConfig, "demo")
+    stage = demo.search.rerank[0]
+    assert stage.name == "locore"
+    options = {**stage.options, "topk": 16, "window": 8, "stride": 4}
+    override = [f"search.rerank=[{{name: locore, options: {json.dumps(options)}}}]"]
+    handle = open_index(index_dir, override)
+    try:
+        report = evaluate_index(handle, collection / "gnd_demo.pkl", collection / "queries")
+    finally:
+        handle.close()
+    assert report.after is not None and report.rerank == ["locore"]
+    changed = sum(r["top10_before"] != r["top10_after"] for r in report.per_query)
+    assert changed > 0
