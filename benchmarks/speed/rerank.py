@@ -127,7 +127,7 @@ def measure(setting: Setting) -> Result:
         name = torch.cuda.get_device_name(device)
     else:
         peak = _peak_rss_mib() - rss_before
-        name = f"{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+        name = f"{_cpu_name()}, {torch.get_num_threads()} threads"
     tokens = (1 + setting.gallery) * (setting.num_local + 2)
     return Result(
         setting=setting,
@@ -137,6 +137,17 @@ def measure(setting: Setting) -> Result:
         tokens=tokens,
         device_name=name,
     )
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _rss_mib() -> float:
