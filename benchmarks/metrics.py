@@ -1,52 +1,141 @@
-"""Retrieval metrics, our own implementation of the published protocols.
+"""Retrieval metrics, our own implementation of the published protocols (reference-spec §7).
 
-Revisited Oxford/Paris (Radenović et al., CVPR 2018; reference-spec §7): trapezoidal AP with junk
-images deleted from the ranking, queries without positives excluded from the means, mP@k with
-the revisitop denominator rule, and the Easy/Medium/Hard protocols built from easy/hard/junk.
-No PyPI package removes junk, so none is used. Results match the official ``compute_map``.
+No PyPI package implements these protocols (junk removal, the revisitop P@k rule, the GLDv2
+split), so none is used.
+
+* Revisited Oxford/Paris (Radenović et al., CVPR 2018): trapezoidal AP with junk images deleted
+  from the ranking, queries without positives excluded from the means, mP@k with the revisitop
+  denominator rule, Easy/Medium/Hard built from easy/hard/junk. ``compute_map`` matches the
+  official ``revisitop/python/evaluate.py`` number for number (golden test, 1e-9).
+* GLDv2 retrieval: mAP@100 with rectangular AP, public / private / combined.
+* Metric learning (SOP, In-Shop, CUB-200): Recall@K and the *standard* MAP@R.
+
+Every ranking here uses the official layout ``ranks [n_ranked, n_query]``: column q holds the
+database ids ranked for query q, best first (the transpose of the engine's ``[Q, M]`` ids).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 
+from engine.errors import UserError
+
 KAPPAS = (1, 5, 10)
+PROTOCOLS = ("easy", "medium", "hard")
+# Which ids leave the shortlist before re-ranking, per setup (reference-spec §6.4).
+RERANK_SETUPS = ("hard", "hard*")
+GLDV2_PUBLIC = 379  # the first 379 of the 1,129 gldv2-test queries; the last 750 are private
+GLDV2_DEPTH = 100
+# The Recall@K ks every paper on these benchmarks reports.
+RECALL_KS = {
+    "sop": (1, 10, 100, 1000),
+    "inshop": (1, 10, 20, 30, 40, 50),
+    "cub200": (1, 2, 4, 8),
+}
 
 
 def _ids(values) -> np.ndarray:
-    # Explicit array conversion: gnd fields may be lists or numpy arrays (reference-spec P18).
-    return np.asarray(list(values) if values is not None else [], dtype=np.int64)
+    # gnd fields may be lists, tuples or numpy arrays: convert explicitly, never ``+`` them (P18).
+    if values is None:
+        return np.zeros(0, dtype=np.int64)
+    return np.asarray(values, dtype=np.int64).reshape(-1)
 
 
+def _union(*fields) -> np.ndarray:
+    """Explicit concatenation of gnd id fields (``list + ndarray`` would add element-wise, P18)."""
+    return np.concatenate([_ids(f) for f in fields])
+
+
+# ----------------------------------------------------------------------------------------------
+# Average precision from positions
+# ----------------------------------------------------------------------------------------------
 def compute_ap(positions: np.ndarray, num_positives: int) -> float:
-    """Trapezoidal AP from the sorted 0-based (junk-adjusted) positions of retrieved positives.
+    """Trapezoidal AP (the revisitop rule) from sorted 0-based, junk-adjusted positions.
 
-    Positives missing from a truncated ranking contribute nothing (recall never reaches 1).
+    ``AP = sum_j (P0_j + P1_j) / 2 / n`` with ``P0_j = j / r_j`` (1 at ``r_j = 0``) and
+    ``P1_j = (j + 1) / (r_j + 1)``. Positives missing from a truncated ranking contribute
+    nothing, so recall never reaches 1 for them.
     """
-    ap = 0.0
-    for j, rank in enumerate(positions):
-        precision_0 = 1.0 if rank == 0 else j / rank
-        precision_1 = (j + 1) / (rank + 1)
-        ap += (precision_0 + precision_1) / 2 / num_positives
-    return ap
+    r = np.asarray(positions, dtype=np.float64)
+    j = np.arange(r.size, dtype=np.float64)
+    p0 = np.where(r == 0, 1.0, j / np.maximum(r, 1.0))
+    p1 = (j + 1) / (r + 1)
+    return float(((p0 + p1) / 2).sum() / num_positives)
+
+
+def compute_rectangular_ap(positions: np.ndarray, num_positives: int) -> float:
+    """Rectangular AP (GLDv2 / Kaggle): ``sum over positives of precision at its rank / n``."""
+    r = np.asarray(positions, dtype=np.float64)
+    hits = np.arange(1, r.size + 1, dtype=np.float64)
+    return float((hits / (r + 1)).sum() / num_positives)
+
+
+AP_RULES = {"trapezoidal": compute_ap, "rectangular": compute_rectangular_ap}
+
+
+def _adjusted_positions(pos: np.ndarray, junk_pos: np.ndarray) -> np.ndarray:
+    """Delete junk from the ranking: each positive moves up by the junk ranked strictly above."""
+    return pos - np.searchsorted(np.sort(junk_pos), pos, side="left")
+
+
+def _precision_at(pos: np.ndarray, kappas: Sequence[int]) -> np.ndarray:
+    """Revisitop mP@k: ``kq = min(max 1-based position, k)``, ``P@k = |{pos <= kq}| / kq``.
+
+    When the last retrieved positive is ranked above k the denominator shrinks to its position.
+    With no retrieved positive (truncated ranking) P@k is 0, as in the AMES/LOCORE copies (the
+    official code fails there).
+    """
+    out = np.zeros(len(kappas))
+    if pos.size == 0:
+        return out
+    pos1 = pos + 1
+    last = int(pos1.max())
+    for i, k in enumerate(kappas):
+        kq = min(last, int(k))
+        out[i] = np.count_nonzero(pos1 <= kq) / kq
+    return out
+
+
+def _summarise(aps: np.ndarray, prs: np.ndarray) -> tuple[float, np.ndarray]:
+    valid = ~np.isnan(aps)
+    if not valid.any():
+        return float("nan"), np.full(prs.shape[1], np.nan)
+    return float(aps[valid].mean()), prs[valid].mean(axis=0)
 
 
 def compute_map(
-    ranks: np.ndarray, gnd: Sequence[dict], kappas: Sequence[int] = KAPPAS
+    ranks: np.ndarray,
+    gnd: Sequence[Mapping],
+    kappas: Sequence[int] = KAPPAS,
+    *,
+    ap: str = "trapezoidal",
+    clip_to_ranked: bool = False,
 ) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
-    """Mean AP and mP@k over queries.
+    """Mean AP and mP@k over queries, exactly as the official revisitop ``compute_map``.
 
     Args:
         ranks: ``[n_ranked, n_query]``; column q = database ids ranked for query q.
-        gnd: per query ``{"ok": ids, "junk": ids (optional)}``.
+        gnd: per query ``{"ok": ids, "junk": ids (optional)}``; lists or arrays.
         kappas: the k of mP@k.
+        ap: ``"trapezoidal"`` (Revisited) or ``"rectangular"`` (GLDv2).
+        clip_to_ranked: ``n_res = min(len(ok), n_ranked)`` as in the AMES/LOCORE copies (and
+            GLDv2 mAP@100) instead of the official ``n_res = len(ok)``; identical for full
+            rankings.
 
     Returns:
-        ``(map, aps [n_query] (NaN = excluded), mpr [len(kappas)], prs [n_query, len(kappas)])``;
-        fractions, not percent.
+        ``(mAP, aps [n_query], mpr [len(kappas)], prs [n_query, len(kappas)])`` as fractions;
+        queries whose ``ok`` is empty have NaN AP and P@k and are excluded from the means.
     """
+    ranks = np.asarray(ranks)
+    if ranks.ndim != 2 or ranks.shape[1] != len(gnd):
+        raise UserError(
+            f"ranks has shape {ranks.shape} for {len(gnd)} queries; pass [n_ranked, n_query]"
+        )
+    if ap not in AP_RULES:
+        raise UserError(f"unknown AP rule {ap!r}; use one of {sorted(AP_RULES)}")
+    ap_fn = AP_RULES[ap]
     n_query = ranks.shape[1]
     aps = np.full(n_query, np.nan)
     prs = np.full((n_query, len(kappas)), np.nan)
@@ -54,51 +143,316 @@ def compute_map(
         ok = _ids(gnd[q]["ok"])
         if ok.size == 0:
             continue
-        column = ranks[:, q]
+        column = np.ascontiguousarray(ranks[:, q])
         pos = np.flatnonzero(np.isin(column, ok))
         junk = np.flatnonzero(np.isin(column, _ids(gnd[q].get("junk"))))
-        # each positive moves up by the number of junk images ranked before it
-        pos = pos - np.searchsorted(junk, pos)
-        aps[q] = compute_ap(pos, ok.size)
-        pos1 = pos + 1
-        for j, k in enumerate(kappas):
-            if pos1.size == 0:
-                prs[q, j] = 0.0
-                continue
-            kq = min(int(pos1.max()), k)
-            prs[q, j] = (pos1 <= kq).sum() / kq
-    valid = ~np.isnan(aps)
-    if not valid.any():
-        return float("nan"), aps, np.full(len(kappas), np.nan), prs
-    return float(aps[valid].mean()), aps, prs[valid].mean(axis=0), prs
+        pos = _adjusted_positions(pos, junk)
+        n_res = min(ok.size, ranks.shape[0]) if clip_to_ranked else ok.size
+        aps[q] = ap_fn(pos, n_res)
+        prs[q] = _precision_at(pos, kappas)
+    mean_ap, mpr = _summarise(aps, prs)
+    return mean_ap, aps, mpr, prs
 
 
-def revisited_protocols(gnd: Sequence[dict]) -> dict[str, list[dict]]:
-    """Easy / Medium / Hard ground truth (``ok``/``junk``) from easy/hard/junk (spec §7.2).
+def ranks_from_scores(scores: np.ndarray) -> np.ndarray:
+    """Scores ``[n_query, n_db]`` (higher = better) -> ranks ``[n_db, n_query]``.
+
+    The sort is stable, so tied images keep database-id order on every machine (the official
+    ``torch.sort`` is not stable, P20); NaN scores rank last.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    return np.argsort(-scores, axis=1, kind="stable").T
+
+
+# ----------------------------------------------------------------------------------------------
+# Revisited Oxford / Paris
+# ----------------------------------------------------------------------------------------------
+def revisited_protocols(gnd: Sequence[Mapping]) -> dict[str, list[dict]]:
+    """Easy / Medium / Hard ground truth (``ok``/``junk`` arrays) from easy/hard/junk (§7.2).
 
     easy: ok = easy, junk = junk ∪ hard; medium: ok = easy ∪ hard, junk = junk;
     hard: ok = hard, junk = junk ∪ easy.
     """
-    out: dict[str, list[dict]] = {"easy": [], "medium": [], "hard": []}
+    out: dict[str, list[dict]] = {name: [] for name in PROTOCOLS}
     for g in gnd:
-        easy, hard, junk = _ids(g.get("easy")), _ids(g.get("hard")), _ids(g.get("junk"))
-        out["easy"].append({"ok": easy, "junk": np.concatenate([junk, hard])})
-        out["medium"].append({"ok": np.concatenate([easy, hard]), "junk": junk})
-        out["hard"].append({"ok": hard, "junk": np.concatenate([junk, easy])})
+        easy, hard, junk = g.get("easy"), g.get("hard"), g.get("junk")
+        out["easy"].append({"ok": _ids(easy), "junk": _union(junk, hard)})
+        out["medium"].append({"ok": _union(easy, hard), "junk": _ids(junk)})
+        out["hard"].append({"ok": _ids(hard), "junk": _union(junk, easy)})
+    return out
+
+
+def rerank_junk(gnd: Sequence[Mapping], setup: str = "hard") -> list[set[int]]:
+    """Per query, the database ids to move out of the shortlist before re-ranking (§6.4).
+
+    The two Hard setups of the paper (supplementary, Table B) differ only here; both are then
+    scored with the Hard protocol (ok = hard, junk = junk ∪ easy):
+
+    * ``"hard"``: only ``junk`` leaves the shortlist; easy images take part in re-ranking and
+      are ignored by the metric. This is the official normal run (``hard_split=False``), whose
+      Medium and Hard numbers are the paper's main table (ROxf+1M SG + LOCORE: 86.5 / 76.3,
+      supplementary Table B "Hard").
+    * ``"hard*"``: ``junk ∪ easy`` leave the shortlist, i.e. the easy images are removed from
+      the database before re-ranking. This is the official ``--with_hard`` run
+      (``hard_split=True``), reported as "Hard*" in supplementary Tables B and C (73.7).
+
+    Medium (and Easy) are always read from the ``"hard"`` setup. The result feeds
+    ``rerank.junk.partition_junk`` / ``Queries.junk``.
+    """
+    if setup not in RERANK_SETUPS:
+        raise UserError(f"unknown Hard setup {setup!r}; use one of {RERANK_SETUPS}")
+    out = []
+    for g in gnd:
+        ids = _union(g.get("junk"), g.get("easy")) if setup == "hard*" else _ids(g.get("junk"))
+        out.append({int(i) for i in ids})
     return out
 
 
 def evaluate_revisited(
-    ranks: np.ndarray, gnd: Sequence[dict], kappas: Sequence[int] = KAPPAS
-) -> dict[str, dict]:
-    """E/M/H results: per protocol ``{"map": %, "aps": [n_query] (fractions, NaN excluded),
-    "mpk": [len(kappas)] %, "kappas": kappas}``.
+    ranks: np.ndarray,
+    gnd: Sequence[Mapping],
+    kappas: Sequence[int] = KAPPAS,
+    *,
+    shortlist_only: bool = False,
+) -> dict:
+    """Easy / Medium / Hard results of one ranking.
 
-    ``ranks`` should cover the whole database (the engine appends the rest of the global ranking
-    after a shortlist); a shortlist-only ranking gives the official code's truncated number.
+    By default the ranking must reach every positive (a full-database ranking, the benchmark's
+    definition) and a shorter one raises :class:`UserError`. ``shortlist_only=True`` evaluates
+    a shortlist-length ranking as it is, which is what the official LOCORE/AMES evaluation
+    silently does (P19): positives beyond the shortlist then count as never retrieved. The
+    ranking length used is returned under ``"ranking"``.
+
+    Args:
+        ranks: ``[n_ranked, n_query]`` database ids, column q for query q.
+        gnd: per query ``{"easy", "hard", "junk"}`` id lists (the ``gnd`` of a gnd pickle).
+        kappas: the k of mP@k.
+        shortlist_only: accept a truncated ranking (see above).
+
+    Returns:
+        ``{"easy" | "medium" | "hard": {"map": %, "mpk": % [len(kappas)], "aps": [n_query]
+        fractions (NaN = excluded), "prs": [n_query, len(kappas)] fractions, "kappas": list},
+        "ranking": {"length": n_ranked, "shortlist_only": bool}}``.
     """
-    out = {}
-    for name, proto in revisited_protocols(gnd).items():
-        mean_ap, aps, mpr, _ = compute_map(ranks, proto, kappas)
-        out[name] = {"map": 100 * mean_ap, "aps": aps, "mpk": 100 * mpr, "kappas": list(kappas)}
+    ranks = np.asarray(ranks)
+    if ranks.ndim != 2 or ranks.shape[1] != len(gnd):
+        raise UserError(
+            f"ranks has shape {ranks.shape} for {len(gnd)} queries; pass [n_ranked, n_query]"
+        )
+    protocols = revisited_protocols(gnd)
+    n_query = ranks.shape[1]
+    aps = {name: np.full(n_query, np.nan) for name in PROTOCOLS}
+    prs = {name: np.full((n_query, len(kappas)), np.nan) for name in PROTOCOLS}
+    for q in range(n_query):
+        # One pass over the (possibly 1M-long) column finds every id any protocol cares about;
+        # the three protocols then work on those few positions only.
+        g = gnd[q]
+        column = np.ascontiguousarray(ranks[:, q])
+        labelled = _union(g.get("easy"), g.get("hard"), g.get("junk"))
+        where = np.flatnonzero(np.isin(column, labelled))
+        found = column[where]
+        missing = np.setdiff1d(protocols["medium"][q]["ok"], found)
+        if missing.size and not shortlist_only:
+            # a full-database evaluation needs every positive ranked (P19)
+            raise UserError(
+                f"query {q}: {missing.size} positive(s) (e.g. id {missing[0]}) are not in its "
+                f"{ranks.shape[0]}-long ranking; append the rest of the global ranking, or pass "
+                "shortlist_only=True for the official shortlist-only number"
+            )
+        for name in PROTOCOLS:
+            ok = protocols[name][q]["ok"]
+            if ok.size == 0:
+                continue
+            pos = where[np.isin(found, ok)]
+            junk = where[np.isin(found, protocols[name][q]["junk"])]
+            pos = _adjusted_positions(pos, junk)
+            aps[name][q] = compute_ap(pos, ok.size)
+            prs[name][q] = _precision_at(pos, kappas)
+    out: dict = {}
+    for name in PROTOCOLS:
+        mean_ap, mpr = _summarise(aps[name], prs[name])
+        out[name] = {
+            "map": 100 * mean_ap,
+            "mpk": 100 * mpr,
+            "aps": aps[name],
+            "prs": prs[name],
+            "kappas": [int(k) for k in kappas],
+        }
+    out["ranking"] = {"length": int(ranks.shape[0]), "shortlist_only": bool(shortlist_only)}
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# GLDv2 retrieval
+# ----------------------------------------------------------------------------------------------
+def gldv2_map_at_100(
+    ranks: np.ndarray,
+    gnd: Sequence[Mapping],
+    n_public: int = GLDV2_PUBLIC,
+    depth: int = GLDV2_DEPTH,
+) -> dict:
+    """GLDv2 retrieval mAP@100 (§7.3): rectangular AP over the first ``depth`` ranks.
+
+    ``AP = sum over retrieved positives of precision at its rank / min(len(ok), depth)``; no junk.
+    Public = the first ``n_public`` queries (379 of gldv2-test's 1,129), private = the rest (the
+    official last 750), combined = all. The public number selects (alpha, tau) in the official
+    procedure. Queries without positives are excluded.
+
+    Returns:
+        ``{"public": %, "private": %, "combined": %, "aps": [n_query] fractions}`` (a split
+        without queries is NaN).
+    """
+    ranks = np.asarray(ranks)[:depth]
+    if not 0 <= n_public <= len(gnd):
+        raise UserError(f"n_public={n_public} but only {len(gnd)} GLDv2 queries were given")
+    ok_only = [{"ok": g["ok"]} for g in gnd]
+    _, aps, _, _ = compute_map(ranks, ok_only, ap="rectangular", clip_to_ranked=True)
+
+    def mean(values: np.ndarray) -> float:
+        values = values[~np.isnan(values)]
+        return 100 * float(values.mean()) if values.size else float("nan")
+
+    return {
+        "public": mean(aps[:n_public]),
+        "private": mean(aps[n_public:]),
+        "combined": mean(aps),
+        "aps": aps,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Metric learning: Recall@K and MAP@R
+# ----------------------------------------------------------------------------------------------
+def _relevance(
+    ranks: np.ndarray,
+    query_labels: np.ndarray,
+    db_labels: np.ndarray,
+    exclude_self: bool,
+    chunk: int = 2048,
+) -> Iterator[tuple[slice, np.ndarray, np.ndarray]]:
+    """Yield ``(query slice, relevant [n_ranked, chunk], kept [n_ranked, chunk])`` blocks.
+
+    With ``exclude_self`` query q is database item q: that entry is moved to the end of its
+    column and marked not kept, so every other image moves up one place. Blocks bound memory
+    (SOP: 60k queries).
+    """
+    n_ranked, n_query = ranks.shape
+    for start in range(0, n_query, chunk):
+        cols = slice(start, min(start + chunk, n_query))
+        block = ranks[:, cols]
+        relevant = db_labels[block] == query_labels[cols][None, :]
+        kept = np.ones_like(relevant)
+        if exclude_self:
+            is_self = block == np.arange(cols.start, cols.stop)[None, :]
+            order = np.argsort(is_self, axis=0, kind="stable")
+            relevant = np.take_along_axis(relevant & ~is_self, order, 0)
+            kept = np.take_along_axis(~is_self, order, 0)
+        yield cols, relevant, kept
+
+
+def _check_labels(ranks, query_labels, db_labels) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    ranks = np.asarray(ranks)
+    query_labels, db_labels = np.asarray(query_labels), np.asarray(db_labels)
+    if ranks.ndim != 2 or ranks.shape[1] != query_labels.size:
+        raise UserError(
+            f"ranks has shape {ranks.shape} for {query_labels.size} queries; "
+            "pass [n_ranked, n_query]"
+        )
+    if ranks.size and (ranks.min() < 0 or ranks.max() >= db_labels.size):
+        raise UserError(f"ranks hold ids outside the {db_labels.size}-image database")
+    return ranks, query_labels, db_labels
+
+
+def recall_at_k(
+    ranks: np.ndarray,
+    query_labels: np.ndarray,
+    db_labels: np.ndarray,
+    ks: Sequence[int],
+    exclude_self: bool = False,
+) -> np.ndarray:
+    """Recall@K: the fraction of queries with a same-label image among their first K.
+
+    Args:
+        ranks: ``[n_ranked, n_query]`` database ids.
+        query_labels: ``[n_query]`` class labels; db_labels: ``[n_db]``.
+        ks: the K values; every ranking must hold at least ``max(ks)`` images besides the
+            query itself.
+        exclude_self: query q is database item q (SOP, CUB-200): it is skipped in its ranking.
+
+    Returns:
+        ``[len(ks)]`` fractions.
+    """
+    ranks, query_labels, db_labels = _check_labels(ranks, query_labels, db_labels)
+    hits = np.zeros(len(ks))
+    for _, relevant, kept in _relevance(ranks, query_labels, db_labels, exclude_self):
+        shortest = int(kept.sum(axis=0).min()) if kept.size else 0
+        if shortest < max(ks):
+            raise UserError(
+                f"Recall@{max(ks)} needs {max(ks)} ranked images per query besides the query; "
+                f"some rankings hold {shortest}: rank deeper"
+            )
+        first_hit = np.where(relevant.any(axis=0), relevant.argmax(axis=0), np.iinfo(np.int64).max)
+        for i, k in enumerate(ks):
+            hits[i] += np.count_nonzero(first_hit < k)
+    return hits / max(ranks.shape[1], 1)
+
+
+def map_at_r(
+    ranks: np.ndarray,
+    query_labels: np.ndarray,
+    db_labels: np.ndarray,
+    exclude_self: bool = False,
+) -> tuple[float, np.ndarray]:
+    """The standard MAP@R of Musgrave et al. ("A Metric Learning Reality Check", ECCV 2020).
+
+    For a query with R relevant database images (the query itself not counted),
+    ``AP@R = (1/R) * sum_{i<=R} P(i) * rel(i)``: precision is averaged over the relevant
+    positions of the first R only. The official LOCORE helper differs (P25): it counts the
+    query in R during self-retrieval and averages precision over all first R positions; this
+    function does not reproduce it.
+
+    Returns:
+        ``(MAP@R, ap [n_query])`` as fractions; queries with R = 0 are NaN and excluded.
+
+    Raises:
+        UserError: a ranking holds fewer than R images besides the query (MAP@R needs top R).
+    """
+    ranks, query_labels, db_labels = _check_labels(ranks, query_labels, db_labels)
+    classes, counts = np.unique(db_labels, return_counts=True)
+    lookup = dict(zip(classes.tolist(), counts.tolist()))
+    r = np.array([lookup.get(label, 0) for label in query_labels.tolist()], dtype=np.int64)
+    if exclude_self:
+        r -= 1
+    aps = np.full(query_labels.size, np.nan)
+    for cols, relevant, kept in _relevance(ranks, query_labels, db_labels, exclude_self):
+        r_block = r[cols]
+        short = kept.sum(axis=0) < r_block
+        if short.any():
+            q = cols.start + int(np.flatnonzero(short)[0])
+            raise UserError(
+                f"MAP@R: query {q} has R={r[q]} relevant images but its ranking holds fewer; "
+                "rank at least max R images per query"
+            )
+        depth = int(r_block.max()) if r_block.size else 0
+        within = np.arange(depth)[:, None] < r_block[None, :]
+        rel = relevant[:depth] & within
+        precision = np.cumsum(rel, axis=0) / np.arange(1, depth + 1)[:, None]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            block_ap = (precision * rel).sum(axis=0) / r_block
+        aps[cols] = np.where(r_block > 0, block_ap, np.nan)
+    valid = ~np.isnan(aps)
+    return (float(aps[valid].mean()) if valid.any() else float("nan")), aps
+
+
+def evaluate_metric_learning(
+    ranks: np.ndarray,
+    query_labels: np.ndarray,
+    db_labels: np.ndarray,
+    ks: Sequence[int],
+    exclude_self: bool = False,
+) -> dict[str, float]:
+    """``{"recall@k": %, ..., "map@r": %}`` for SOP / In-Shop / CUB-200 (ks: ``RECALL_KS``)."""
+    recalls = recall_at_k(ranks, query_labels, db_labels, ks, exclude_self)
+    out = {f"recall@{k}": 100 * float(v) for k, v in zip(ks, recalls)}
+    out["map@r"] = 100 * map_at_r(ranks, query_labels, db_labels, exclude_self)[0]
     return out

@@ -1,23 +1,141 @@
-"""Pictures people would rather look at: ranked-result grids and per-query AP scatter plots."""
+"""Pictures of results: ranked-result grids and per-query AP plots.
+
+Figures are drawn on matplotlib's Agg canvas directly (``Figure`` + ``FigureCanvasAgg``), never
+through ``pyplot``: no backend switch, no global figure registry, safe in threads and servers.
+
+The grid is composed pixel-exactly (thumbnails and their label borders are pasted into one RGB
+canvas that matplotlib writes 1:1), so a border's colour at a known pixel is testable; text is
+drawn only in the caption strips. :class:`GridLayout` gives those pixel positions.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
-BORDER = {"positive": "#2ca02c", "negative": "#d62728", "junk": "#7f7f7f", None: "#ffffff"}
+from engine.errors import UserError
+
+DPI = 100
+LABEL_COLORS: dict[str | None, tuple[int, int, int]] = {
+    "positive": (44, 160, 44),  # green
+    "negative": (214, 39, 40),  # red
+    "junk": (127, 127, 127),  # grey
+    None: (255, 255, 255),  # unknown: no visible frame
+}
+QUERY_COLOR = (31, 119, 180)  # blue frame around the query
+BOX_COLOR = (255, 200, 0)  # the query box drawn on the query thumbnail
+BACKGROUND = (255, 255, 255)
 
 
-def _figure(rows: int, cols: int, size: float = 2.0):
-    import matplotlib
+@dataclasses.dataclass(frozen=True)
+class GridRow:
+    """One ranked list of a grid: thumbnails, their labels and scores, and a row name."""
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    images: Sequence[np.ndarray]
+    labels: Sequence[str | None]
+    scores: Sequence[float]
+    name: str | None = None
 
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * size, rows * size + 0.4), squeeze=False)
-    return plt, fig, axes
+
+@dataclasses.dataclass(frozen=True)
+class GridLayout:
+    """Pixel geometry of :func:`ranked_grid` (origin top-left, ends exclusive).
+
+    Each row is a header strip (row name), the cells, and a caption strip (rank, score).
+    Column 0 holds the query in the first row; result j of a row sits in column j + 1.
+    """
+
+    thumb: int = 150  # side of the square area an image is fitted into
+    border: int = 8  # width of the label frame around it
+    gap: int = 10
+    text: int = 18  # height of a header / caption strip
+    title: int = 26  # height of the title strip (when there is a title)
+
+    @property
+    def cell(self) -> int:
+        return self.thumb + 2 * self.border
+
+    def size(self, rows: int, cols: int, titled: bool) -> tuple[int, int]:
+        """``(width, height)`` in pixels of a grid with that many rows and columns."""
+        width = self.gap + cols * (self.cell + self.gap)
+        height = (self.title if titled else 0) + rows * (2 * self.text + self.cell) + self.gap
+        return width, height
+
+    def cell_box(self, row: int, col: int, titled: bool) -> tuple[int, int, int, int]:
+        """``(x0, y0, x1, y1)`` of a cell, frame included."""
+        x0 = self.gap + col * (self.cell + self.gap)
+        y0 = (self.title if titled else 0) + row * (2 * self.text + self.cell) + self.text
+        return x0, y0, x0 + self.cell, y0 + self.cell
+
+
+def _rgb(image: np.ndarray) -> np.ndarray:
+    """Any image array (gray, RGB, RGBA; uint8 or float in [0, 1]) -> RGB uint8."""
+    image = np.asarray(image)
+    if image.dtype != np.uint8:
+        image = (np.clip(image.astype(np.float64), 0, 1) * 255 + 0.5).astype(np.uint8)
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=2)
+    if image.ndim != 3 or image.shape[2] not in (1, 3, 4):
+        raise UserError(f"image of shape {image.shape} is not a picture; pass [H, W(, C)]")
+    if image.shape[2] == 1:
+        image = np.repeat(image, 3, axis=2)
+    return image[..., :3]
+
+
+def _fit(image: np.ndarray, side: int) -> tuple[np.ndarray, float, int, int]:
+    """Letterbox ``image`` into a ``side`` square: ``(square, scale, x offset, y offset)``."""
+    from PIL import Image
+
+    image = _rgb(image)
+    h, w = image.shape[:2]
+    scale = side / max(h, w)
+    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+    resized = np.asarray(Image.fromarray(image).resize((nw, nh), Image.Resampling.BILINEAR))
+    square = np.full((side, side, 3), BACKGROUND, dtype=np.uint8)
+    ox, oy = (side - nw) // 2, (side - nh) // 2
+    square[oy : oy + nh, ox : ox + nw] = resized
+    return square, scale, ox, oy
+
+
+def _draw_rect(canvas: np.ndarray, x0: int, y0: int, x1: int, y1: int, color, width: int) -> None:
+    """Outline of the box ``[x0, x1) x [y0, y1)`` drawn inward, clipped to the canvas."""
+    h, w = canvas.shape[:2]
+    x0, x1 = max(0, min(x0, w)), max(0, min(x1, w))
+    y0, y1 = max(0, min(y0, h)), max(0, min(y1, h))
+    if x1 <= x0 or y1 <= y0:
+        return
+    canvas[y0 : min(y0 + width, y1), x0:x1] = color
+    canvas[max(y1 - width, y0) : y1, x0:x1] = color
+    canvas[y0:y1, x0 : min(x0 + width, x1)] = color
+    canvas[y0:y1, max(x1 - width, x0) : x1] = color
+
+
+def _paste(canvas, image, box, color, layout: GridLayout) -> tuple[float, int, int]:
+    x0, y0, x1, y1 = box
+    square, scale, ox, oy = _fit(image, layout.thumb)
+    canvas[y0:y1, x0:x1] = color
+    b = layout.border
+    canvas[y0 + b : y1 - b, x0 + b : x1 - b] = square
+    return scale, x0 + b + ox, y0 + b + oy
+
+
+def _new_figure(width: int, height: int):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width / DPI, height / DPI), dpi=DPI)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, out_png: Path) -> Path:
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=DPI, format="png")
+    return out_png
 
 
 def ranked_grid(
@@ -28,57 +146,184 @@ def ranked_grid(
     scores: Sequence[float],
     out_png: Path,
     title: str | None = None,
+    *,
+    name: str | None = None,
+    rows: Sequence[GridRow] = (),
+    layout: GridLayout = GridLayout(),
 ) -> Path:
-    """Query (with its box in yellow) then the ranked results, each framed by its label colour
-    (green positive, red negative, grey junk, white unknown) and captioned with rank and score."""
-    import matplotlib.patches as patches
+    """The query (blue frame, its box in yellow) then the top results, framed by label.
 
-    plt, fig, axes = _figure(1, len(result_images) + 1)
-    ax = axes[0, 0]
-    ax.imshow(query_image)
+    Frames: green = positive, red = negative, grey = junk, none = unknown (label None). Each
+    result is captioned ``#rank score``. Extra ``rows`` (e.g. the ranking after re-ranking)
+    are drawn below the first one, which is named ``name``.
+
+    Args:
+        query_image: the full query image; query_box: its ``(x1, y1, x2, y2)`` or None.
+        result_images, labels, scores: the first ranked list, best first.
+        out_png: where the PNG goes (parents are created).
+        title: text above the grid.
+        name: name of the first row (e.g. ``"global"``).
+        rows: further :class:`GridRow` lists.
+        layout: pixel geometry.
+
+    Returns:
+        ``out_png``; the image is exactly ``layout.size(...)`` pixels.
+    """
+    all_rows = [GridRow(result_images, labels, scores, name), *rows]
+    for row in all_rows:
+        if not len(row.images) == len(row.labels) == len(row.scores):
+            raise UserError(
+                f"grid row {row.name or ''!r}: {len(row.images)} images, {len(row.labels)} "
+                f"labels, {len(row.scores)} scores; pass one of each per result"
+            )
+        bad = [lab for lab in row.labels if lab not in LABEL_COLORS]
+        if bad:
+            raise UserError(f"unknown grid label {bad[0]!r}; use positive, negative, junk or None")
+    cols = 1 + max(len(row.images) for row in all_rows)
+    titled = bool(title)
+    width, height = layout.size(len(all_rows), cols, titled)
+    canvas = np.full((height, width, 3), BACKGROUND, dtype=np.uint8)
+
+    scale, qx, qy = _paste(canvas, query_image, layout.cell_box(0, 0, titled), QUERY_COLOR, layout)
     if query_box is not None:
-        x1, y1, x2, y2 = query_box
-        ax.add_patch(patches.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, ec="yellow", lw=2))
-    ax.set_title("query", fontsize=8)
-    for i, (image, label, score) in enumerate(zip(result_images, labels, scores), start=1):
-        ax = axes[0, i]
-        ax.imshow(image)
-        h, w = image.shape[:2]
-        ax.add_patch(patches.Rectangle((0, 0), w - 1, h - 1, fill=False, ec=BORDER[label], lw=5))
-        ax.set_title(f"#{i}  {score:.3f}", fontsize=8)
-    for ax in axes.ravel():
-        ax.set_xticks([])
-        ax.set_yticks([])
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=80)
-    plt.close(fig)
-    return out_png
+        x1, y1, x2, y2 = (float(v) for v in query_box)
+        _draw_rect(
+            canvas,
+            qx + int(x1 * scale),
+            qy + int(y1 * scale),
+            qx + int(np.ceil(x2 * scale)),
+            qy + int(np.ceil(y2 * scale)),
+            BOX_COLOR,
+            width=2,
+        )
+    captions = [(layout.cell_box(0, 0, titled), "query", 0)]
+    for r, row in enumerate(all_rows):
+        for j, (image, label, score) in enumerate(zip(row.images, row.labels, row.scores)):
+            box = layout.cell_box(r, j + 1, titled)
+            _paste(canvas, image, box, LABEL_COLORS[label], layout)
+            captions.append((box, f"#{j + 1}  {float(score):.3f}", r))
+
+    fig = _new_figure(width, height)
+    fig.figimage(canvas, xo=0, yo=0, origin="upper", resize=False)
+
+    # Text positions in figure fractions, measured from the top-left like the canvas.
+    def put(x: float, y: float, text: str, **kw) -> None:
+        fig.text(x / width, 1 - y / height, text, va="center", **kw)
+
+    if titled:
+        put(layout.gap, layout.title / 2, title, fontsize=10, weight="bold")
+    for r, row in enumerate(all_rows):
+        if row.name:
+            y0 = layout.cell_box(r, 1, titled)[1]
+            put(layout.cell_box(r, 1, titled)[0], y0 - layout.text / 2, row.name, fontsize=8)
+    for (x0, _, x1, y1), text, _ in captions:
+        put((x0 + x1) / 2, y1 + layout.text / 2, text, fontsize=7, ha="center")
+    return _save(fig, out_png)
+
+
+def ap_changes(ap_before: Sequence[float], ap_after: Sequence[float], tol: float = 1e-9) -> dict:
+    """How many queries re-ranking improved / hurt / left unchanged (NaN queries skipped)."""
+    x, y = np.asarray(ap_before, float), np.asarray(ap_after, float)
+    keep = ~(np.isnan(x) | np.isnan(y))
+    d = y[keep] - x[keep]
+    return {
+        "up": int((d > tol).sum()),
+        "down": int((d < -tol).sum()),
+        "same": int((np.abs(d) <= tol).sum()),
+        "n": int(keep.sum()),
+    }
+
+
+def _panels(ap_before: Mapping, ap_after: Mapping, labels: Sequence[str] | None) -> list[str]:
+    names = list(ap_before) if labels is None else list(labels)
+    absent = [n for n in names if n not in ap_before or n not in ap_after]
+    if absent:
+        raise UserError(f"no per-query AP for {absent[0]!r}; have {sorted(ap_before)}")
+    return names
 
 
 def ap_scatter(
-    ap_before: dict[str, Sequence[float]],
-    ap_after: dict[str, Sequence[float]],
+    ap_before: Mapping[str, Sequence[float]],
+    ap_after: Mapping[str, Sequence[float]],
     out_png: Path,
+    labels: Sequence[str] | None = None,
     title: str = "per-query AP",
+    *,
+    color: Mapping[str, Sequence[float]] | None = None,
+    color_label: str = "positives in shortlist",
+    axis_labels: tuple[str, str] = ("global AP", "re-ranked AP"),
+    panel_inches: float = 3.4,
 ) -> Path:
-    """One point per query, first-stage AP (x) vs re-ranked AP (y), one panel per protocol,
-    with the y = x line: points above it are queries the re-ranker improved."""
-    names = list(ap_before)
-    plt, fig, axes = _figure(1, len(names), size=3.2)
-    for ax, name in zip(axes[0], names):
+    """One point per query, AP before (x) vs after (y), with the y = x line (the paper's
+    supplementary Figure A): points above the line are queries the re-ranker improved.
+
+    Args:
+        ap_before, ap_after: protocol name -> per-query AP in [0, 1] (NaN = excluded), e.g.
+            ``{"Medium": result["medium"]["aps"], "Hard": result["hard"]["aps"]}``.
+        out_png: output file.
+        labels: the panels to draw, in order (default: every key of ``ap_before``).
+        title: figure title.
+        color: optional per-panel values to colour the points by (Figure A uses the number of
+            positives in the shortlist), shown with a colour bar.
+        color_label: colour bar label; axis_labels: (x, y) axis labels.
+        panel_inches: size of one panel; the PNG is ``n * panel_inches * 100`` by
+            ``(panel_inches + 0.3) * 100`` pixels.
+    """
+    names = _panels(ap_before, ap_after, labels)
+    width, height = round(len(names) * panel_inches * DPI), round((panel_inches + 0.3) * DPI)
+    fig = _new_figure(width, height)
+    axes = fig.subplots(1, len(names), squeeze=False)[0]
+    for ax, name in zip(axes, names):
         x, y = np.asarray(ap_before[name], float), np.asarray(ap_after[name], float)
+        if x.shape != y.shape:
+            raise UserError(f"{name}: {x.size} APs before but {y.size} after re-ranking")
         keep = ~(np.isnan(x) | np.isnan(y))
-        ax.plot([0, 1], [0, 1], color="#999999", lw=1)
-        ax.scatter(x[keep], y[keep], s=12)
-        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="global AP", ylabel="re-ranked AP", title=name)
+        ax.plot([0, 1], [0, 1], color="#d62728", lw=1.5, zorder=1)
+        if color is None:
+            ax.scatter(x[keep], y[keep], s=14, zorder=2)
+        else:
+            c = np.asarray(color[name], float)[keep]
+            points = ax.scatter(x[keep], y[keep], s=14, c=c, cmap="viridis", zorder=2)
+            fig.colorbar(points, ax=ax, label=color_label)
+        n = ap_changes(x, y)
+        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel=axis_labels[0], ylabel=axis_labels[1])
+        ax.set_aspect("equal")
+        ax.set_title(f"{name}: {n['up']} up, {n['down']} down, {n['same']} same", fontsize=8)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=80)
-    plt.close(fig)
-    return out_png
+    return _save(fig, out_png)
+
+
+def ap_delta_bars(
+    ap_before: Sequence[float],
+    ap_after: Sequence[float],
+    out_png: Path,
+    label: str = "Medium",
+    names: Sequence[str] | None = None,
+    title: str | None = None,
+    size: tuple[float, float] = (8.0, 3.0),
+) -> Path:
+    """Per-query AP change (after - before, in points), sorted, green gains and red losses;
+    with ``names`` (one per query) the bars are labelled. The PNG is ``size * 100`` pixels."""
+    x, y = np.asarray(ap_before, float), np.asarray(ap_after, float)
+    if x.shape != y.shape:
+        raise UserError(f"{x.size} APs before but {y.size} after re-ranking")
+    keep = np.flatnonzero(~(np.isnan(x) | np.isnan(y)))
+    delta = 100 * (y[keep] - x[keep])
+    order = np.argsort(-delta, kind="stable")
+    fig = _new_figure(round(size[0] * DPI), round(size[1] * DPI))
+    ax = fig.subplots()
+    colors = ["#2ca02c" if d >= 0 else "#d62728" for d in delta[order]]
+    ax.bar(np.arange(order.size), delta[order], color=colors, width=0.8)
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set(ylabel=f"ΔAP {label} (points)", xlim=(-1, max(order.size, 1)))
+    if names is not None:
+        ax.set_xticks(
+            np.arange(order.size), [names[keep[i]] for i in order], rotation=90, fontsize=5
+        )
+    else:
+        ax.set_xticks([])
+    n = ap_changes(x, y)
+    ax.set_title(title or f"{label}: {n['up']} up, {n['down']} down, {n['same']} same", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, out_png)

@@ -1,0 +1,52 @@
+"""``locore bench latency`` with micro settings on CPU: every stage reported, JSON written."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks.speed.latency import PeakMemory, StageTiming
+from engine import cli
+
+
+def test_latency_reports_every_stage_with_per_100_costs(tmp_path, capsys):
+    path = tmp_path / "latency.json"
+    argv = [
+        "bench", "latency", "--variant", "micro", "--device", "cpu", "--db", "3000",
+        "--store-images", "60", "--topk", "40", "--window", "10", "--stride", "5",
+        "--num-local", "8", "--image-size", "64", "96", "--repeats", "1", "--json", str(path),
+        "--set", "extractor.options={weights: null, imsize: 96, num_local: 8}",
+    ]  # fmt: skip
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    record = json.loads(path.read_text())
+    stages = {s["stage"]: s for s in record["stages"]}
+    expected = ["extract", "search", "gather", "locore window", "locore sliding", "superglobal"]
+    assert list(stages) == expected
+    for name in expected:
+        assert any(line.startswith(name) for line in printed.splitlines()), name
+        assert stages[name]["median_ms"] > 0
+    # end-to-start over 40 with W=10, S=5: starts 30, 25, ..., 0 = 7 windows (the paper's 7 for
+    # 400/100/50).
+    assert "7 window(s)" in stages["locore sliding"]["detail"]
+    assert "1 window(s)" in stages["locore window"]["detail"]
+    for name in ("locore window", "locore sliding", "superglobal"):
+        s = stages[name]
+        assert s["per_100_ms"] == pytest.approx(s["median_ms"] * 100 / s["images"])
+    assert stages["search"]["per_100_ms"] is None
+    assert record["setup"]["db"] == 3000 and record["setup"]["variant"] == "micro"
+
+
+def test_peak_memory_sees_an_allocation_and_ignores_what_was_held_before():
+    held = np.ones(16 * 2**20 // 8)  # held before: not counted
+    with PeakMemory(torch.device("cpu")) as peak:
+        block = np.ones(64 * 2**20 // 8)  # 64 MiB touched inside the block
+        del block
+    assert 48 <= peak.mib < 120
+    assert held.sum() > 0
+
+
+def test_per_100_is_none_for_stages_without_images():
+    assert StageTiming("search", "", 2.0, 1.0, 0.0).per_100_ms is None
+    assert StageTiming("x", "", 2.0, 1.0, 0.0, images=400).per_100_ms == pytest.approx(0.5)
