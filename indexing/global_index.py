@@ -1,208 +1,371 @@
 """Global-descriptor index: exact or compressed inner-product search behind one interface.
 
-Kinds: ``flat`` (FAISS ``IndexFlatIP``, exact, default), ``ivfpq`` and ``hnsw`` (compressed /
-approximate, for large collections), ``torch`` (exact matmul + top-k in database chunks; runs on
-CUDA without faiss-gpu, and on CPU). FAISS indexes move to the GPU when faiss-gpu imports.
-Descriptors must be L2-normalised, so inner product is cosine similarity.
+Kinds:
+
+* ``flat`` (default): FAISS ``IndexFlatIP``, exact. On ``device="cuda"`` it searches with
+  faiss-gpu when that imports, else with the torch path below, so a GPU is used either way.
+* ``torch``: the same exact storage, always searched by torch: matmul + top-k over database
+  chunks, merged (float16 on CUDA, float32 on CPU, where it equals brute force).
+* ``ivfpq``: IVF-PQ trained on a sample, for collections whose float vectors should not be
+  scanned; candidates are re-scored from a float16 copy (``refine``) to keep recall@100 >= 0.95.
+* ``hnsw``: FAISS HNSW graph over the float vectors (approximate, no training).
+
+Descriptors must be L2-normalised (checked), so inner product is cosine similarity. A saved index
+is a folder: ``index.faiss``, ``names.json`` (id -> image name) and ``index.json`` (kind, dim,
+metric, count, options), written to a temporary folder and renamed into place.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from engine.errors import UserError
 
+logger = logging.getLogger(__name__)
+
 KINDS = ("flat", "ivfpq", "hnsw", "torch")
-META_FILE = "index.json"
-NAMES_FILE = "names.txt"
+OPTIONS = {  # besides "device", which every kind takes
+    "flat": {"chunk"},
+    "torch": {"chunk", "dtype"},
+    "ivfpq": {"nlist", "m", "nbits", "nprobe", "refine", "k_factor", "sample"},
+    "hnsw": {"hnsw_m", "ef_search", "ef_construction"},
+}
+REFINE = ("fp16", "flat", "none")
+META_FILE, NAMES_FILE, INDEX_FILE = "index.json", "names.json", "index.faiss"
+METRIC = "inner_product"
+FORMAT = 1
 
 
 def check_vectors(x: np.ndarray, dim: int, what: str) -> np.ndarray:
-    """float32 ``[N, dim]``, finite, non-zero and (close to) unit norm."""
+    """float32 ``[N, dim]``, finite, non-zero and (close to) unit norm, else a UserError."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim != 2 or x.shape[1] != dim:
         raise UserError(f"{what} have shape {x.shape}; the index needs [N, {dim}]")
     if not np.isfinite(x).all():
-        raise UserError(f"{what} contain NaN or infinite values; re-extract them")
+        row = int(np.argmax(~np.isfinite(x).all(axis=1)))
+        raise UserError(f"{what} contain NaN or infinite values (row {row}); re-extract them")
     norms = np.linalg.norm(x, axis=1)
     if (norms < 1e-6).any():
         raise UserError(f"{what} contain a zero vector (row {int(np.argmin(norms))}); re-extract")
     if np.abs(norms - 1).max() > 1e-3:
-        raise UserError(f"{what} are not L2-normalised; normalise them before indexing")
+        row = int(np.argmax(np.abs(norms - 1)))
+        raise UserError(f"{what} are not L2-normalised (row {row}); normalise them first")
     return x
+
+
+def default_m(dim: int) -> int:
+    """PQ sub-quantizers: the largest divisor of ``dim`` up to min(64, dim / 8); sub-vectors of
+    fewer than 8 dimensions make FAISS's PQ training ~20x slower for little recall."""
+    cap = max(1, min(64, dim // 8))
+    return max(m for m in range(1, cap + 1) if dim % m == 0)
+
+
+def default_nlist(n: int) -> int:
+    """IVF lists for ``n`` vectors: 4 sqrt(n), the usual FAISS guidance, within [16, 65536]."""
+    return int(np.clip(4 * np.sqrt(n), 16, 65536))
+
+
+def _faiss_gpu() -> bool:
+    import faiss
+
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def _resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when torch sees a GPU, else ``cpu``; ``cuda`` without one fails."""
+    if device == "cpu":
+        return device
+    if device not in ("auto", "cuda") and not device.startswith("cuda:"):
+        raise UserError(f"index device {device!r} is not one of cpu, cuda, cuda:N, auto")
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda" if device == "auto" else device
+    if device == "auto":
+        return "cpu"
+    raise UserError(f"index device {device!r} asked for but no CUDA device is visible")
+
+
+def _nprobe(options: dict) -> int:
+    """Lists visited per query: a quarter of them by default (recall@100 >= 0.95, see tests)."""
+    return min(options["nlist"], options.get("nprobe") or max(16, options["nlist"] // 4))
 
 
 class GlobalIndex:
     """Inner-product index over L2-normalised global descriptors, with an id -> name table."""
 
-    def __init__(self, dim: int, kind: str = "flat", **options):
+    def __init__(self, dim: int, kind: str = "flat", **options: Any):
         if kind not in KINDS:
             raise UserError(f"unknown index kind {kind!r}; choose one of {list(KINDS)}")
-        self.dim, self.kind, self.options = dim, kind, dict(options)
+        unknown = sorted(set(options) - OPTIONS[kind] - {"device"})
+        if unknown:
+            raise UserError(
+                f"unknown option {unknown[0]!r} for index kind {kind!r}; "
+                f"valid options: {sorted(OPTIONS[kind] | {'device'})}"
+            )
+        if int(dim) < 1:
+            raise UserError(f"index dimension must be positive, got {dim}")
+        self.dim, self.kind = int(dim), kind
+        self.device = _resolve_device(str(options.pop("device", "cpu")))
+        self.options = dict(options)
+        if self.device != "cpu" and kind in ("ivfpq", "hnsw"):
+            logger.info("%s index searches on the CPU (only exact kinds use the GPU)", kind)
         self.names: list[str] = []
-        self._vectors = np.zeros((0, dim), np.float32)  # torch kind only
-        self._faiss = None if kind == "torch" else self._make_faiss()
+        self._gpu_index = None  # faiss-gpu copy of a flat index, built on first search
+        self._device_db = None  # torch copy of the vectors, built on first search
+        self._faiss = self._make()
 
     @classmethod
-    def build(cls, dim: int, kind: str = "flat", **options) -> GlobalIndex:
-        """An empty index of ``kind`` (options: ``nlist``, ``m``, ``nbits``, ``nprobe``,
-        ``refine``, ``k_factor``, ``hnsw_m``, ``ef_search``, ``chunk``, ``device``)."""
+    def build(cls, dim: int, kind: str = "flat", **options: Any) -> GlobalIndex:
+        """An empty index of ``kind``.
+
+        Options: ``device`` (cpu | cuda | cuda:N | auto; used by flat and torch), ``chunk``
+        (database rows per torch matmul), ``dtype`` (torch: float16 | float32), ``nlist``, ``m``,
+        ``nbits``,
+        ``nprobe``, ``refine`` (fp16 | flat | none), ``k_factor``, ``sample`` (ivfpq),
+        ``hnsw_m``, ``ef_search``, ``ef_construction`` (hnsw).
+        """
         return cls(dim, kind, **options)
 
-    def _make_faiss(self):
+    def _make(self):
         import faiss
 
         o = self.options
-        if self.kind == "flat":
-            index = faiss.IndexFlatIP(self.dim)
-        elif self.kind == "ivfpq":
-            quantizer = faiss.IndexFlatIP(self.dim)
-            nlist = o.get("nlist") or 1024
-            ivf = faiss.IndexIVFPQ(
-                quantizer,
-                self.dim,
-                nlist,
-                o.get("m", 64),
-                o.get("nbits", 8),
-                faiss.METRIC_INNER_PRODUCT,
-            )
-            ivf.nprobe = o.get("nprobe") or max(32, nlist // 4)
-            if not o.get("refine", True):
-                return ivf
-            # PQ codes alone rank neighbours coarsely (recall@100 ~0.55 on clustered data);
-            # exact re-scoring of k_factor * k candidates restores >= 0.95 at the memory cost
-            # of keeping the float vectors (refine: false keeps only the codes).
-            index = faiss.IndexRefineFlat(ivf)
-            index.k_factor = o.get("k_factor", 4)
-        else:
+        if self.kind in ("flat", "torch"):
+            return faiss.IndexFlatIP(self.dim)
+        if self.kind == "hnsw":
             index = faiss.IndexHNSWFlat(self.dim, o.get("hnsw_m", 32), faiss.METRIC_INNER_PRODUCT)
+            index.hnsw.efConstruction = o.get("ef_construction", 80)
             index.hnsw.efSearch = o.get("ef_search", 128)
+            return index
+        m = o.get("m") or default_m(self.dim)
+        if self.dim % m:
+            raise UserError(f"ivfpq option m={m} must divide the dimension {self.dim}")
+        refine = o.get("refine", "fp16")
+        if refine not in REFINE:
+            raise UserError(f"ivfpq option refine={refine!r} must be one of {list(REFINE)}")
+        if not o.get("nlist"):
+            return None  # sized by train() from the number of vectors
+        ivf = faiss.IndexIVFPQ(
+            faiss.IndexFlatIP(self.dim),
+            self.dim,
+            o["nlist"],
+            m,
+            o.get("nbits", 8),
+            faiss.METRIC_INNER_PRODUCT,
+        )
+        ivf.nprobe = _nprobe(o)
+        if refine == "none":
+            return ivf
+        # PQ codes alone rank neighbours coarsely (recall@100 ~0.5 on clustered data); exact
+        # re-scoring of k_factor * k candidates restores >= 0.95. A float16 copy scores them
+        # for half the memory of float32, with errors ~1e-4 on cosine similarity.
+        if refine == "flat":
+            index = faiss.IndexRefineFlat(ivf)
+        else:
+            fp16 = faiss.IndexScalarQuantizer(
+                self.dim, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT
+            )
+            index = faiss.IndexRefine(ivf, fp16)
+        index.k_factor = o.get("k_factor", 8)
         return index
 
     def __len__(self) -> int:
-        return len(self._vectors) if self._faiss is None else int(self._faiss.ntotal)
+        return 0 if self._faiss is None else int(self._faiss.ntotal)
 
-    def train(self, x: np.ndarray, sample: int = 100_000, seed: int = 0) -> None:
-        """Train compressed kinds on a random sample of ``x`` (no-op for exact kinds)."""
-        if self.kind != "ivfpq" or self._faiss.is_trained:
+    def train(self, x: np.ndarray, seed: int = 0) -> None:
+        """Train compressed kinds on a random sample of ``x`` (no-op for the other kinds)."""
+        if self.kind != "ivfpq" or (self._faiss is not None and self._faiss.is_trained):
             return
         x = check_vectors(x, self.dim, "training vectors")
         if not self.options.get("nlist"):
-            # about 4 sqrt(N) lists, the usual FAISS guidance, fixed at training time
-            self.options["nlist"] = int(np.clip(4 * np.sqrt(len(x)), 16, 65536))
-            self._faiss = self._make_faiss()
+            self.options["nlist"] = default_nlist(len(x))
+        self._faiss = self._make()
+        nbits = self.options.get("nbits", 8)
+        need = max(self.options["nlist"], 2**nbits)
+        if len(x) < need:
+            raise UserError(
+                f"ivfpq needs at least {need} training vectors (nlist, 2^nbits), got {len(x)}; "
+                "use index kind flat for small collections"
+            )
+        sample = self.options.get("sample") or max(100_000, 64 * self.options["nlist"])
         if len(x) > sample:
-            x = x[np.random.default_rng(seed).choice(len(x), sample, replace=False)]
+            x = x[np.sort(np.random.default_rng(seed).choice(len(x), sample, replace=False))]
         self._faiss.train(x)
 
     def add(self, x: np.ndarray, names: Sequence[str] | None = None) -> None:
-        """Append ``x`` ``[N, D]``; ``names`` default to the running ids."""
+        """Append ``x`` ``[N, D]`` (L2-normalised); ``names`` default to the running ids."""
         x = check_vectors(x, self.dim, "descriptors")
         if names is None:
             names = [str(len(self) + i) for i in range(len(x))]
         if len(names) != len(x):
             raise UserError(f"got {len(names)} names for {len(x)} descriptors")
-        if self._faiss is None:
-            self._vectors = np.concatenate([self._vectors, x])
-        else:
-            if not self._faiss.is_trained:
-                raise UserError("the ivfpq index is not trained; call train() on a sample first")
-            self._faiss.add(x)
-        self.names.extend(names)
+        if self._faiss is None or not self._faiss.is_trained:
+            raise UserError("the ivfpq index is not trained; call train() on a sample first")
+        self._faiss.add(x)
+        self.names.extend(str(n) for n in names)
+        self._gpu_index = self._device_db = None
 
     def search(
         self, q: np.ndarray, k: int, exclude: Sequence[set[int]] | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Top-``k`` ``(sims [Q, k] float32, ids [Q, k] int64)``, -1 ids where fewer exist.
+        """Top-``k`` ``(sims [Q, k] float32, ids [Q, k] int64)``, best first.
 
-        ``exclude[q]`` ids (e.g. junk) are removed from query q's results.
+        ``exclude[q]`` ids (e.g. the protocol's junk images) are removed from query q's results
+        and the list is filled up with the next ones. Where fewer than ``k`` remain, ids are -1
+        and sims -inf.
         """
         if len(self) == 0:
             raise UserError("the index is empty; add descriptors (locore index) before searching")
+        if int(k) < 1:
+            raise UserError(f"search needs k >= 1, got {k}")
         q = check_vectors(q, self.dim, "query descriptors")
+        if exclude is not None and len(exclude) != len(q):
+            raise UserError(f"exclude has {len(exclude)} sets for {len(q)} queries")
         extra = max((len(e) for e in exclude), default=0) if exclude else 0
-        kk = min(k + extra, len(self))
-        if self._faiss is None:
-            sims, ids = self._torch_search(q, kk)
-        else:
-            sims, ids = self._faiss.search(q, kk)
+        kk = min(int(k) + extra, len(self))
+        sims, ids = self._search(q, kk)
+        ids = ids.astype(np.int64)
+        sims = np.where(ids >= 0, sims, -np.inf).astype(np.float32)
         if exclude:
             sims, ids = _drop(sims, ids, exclude)
-        return _pad(sims[:, :k], ids[:, :k].astype(np.int64), k)
+        return _pad(sims[:, :k], ids[:, :k], int(k))
+
+    def _search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.kind == "torch" or (
+            self.kind == "flat" and self.device != "cpu" and not _faiss_gpu()
+        ):
+            return self._torch_search(q, k)
+        if self.kind == "flat" and self.device != "cpu" and k <= 2048:  # faiss-gpu's k limit
+            if self._gpu_index is None:
+                import faiss
+
+                self._resources = faiss.StandardGpuResources()
+                gpu = int(self.device.partition(":")[2] or 0)
+                self._gpu_index = faiss.index_cpu_to_gpu(self._resources, gpu, self._faiss)
+            return self._gpu_index.search(q, k)
+        return self._faiss.search(q, k)
+
+    def vectors(self) -> np.ndarray:
+        """The stored vectors ``[N, D]`` float32 (exact kinds; a view, no copy)."""
+        import faiss
+
+        if self.kind not in ("flat", "torch"):
+            raise UserError(f"an {self.kind} index keeps no exact vectors")
+        flat = faiss.rev_swig_ptr(self._faiss.get_xb(), len(self) * self.dim)
+        return flat.reshape(len(self), self.dim)
 
     def _torch_search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exact search as chunked matmul + top-k, merged; float16 on CUDA unless asked."""
         import torch
 
-        device = self.options.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = torch.float16 if device.startswith("cuda") else torch.float32
-        chunk = self.options.get("chunk", 262_144)
-        qt = torch.from_numpy(q).to(device, dtype)
-        best_s, best_i = None, None
-        for start in range(0, len(self._vectors), chunk):
-            db = torch.from_numpy(self._vectors[start : start + chunk]).to(device, dtype)
-            s, i = (qt @ db.T).float().topk(min(k, db.shape[0]), dim=1)
-            i = i + start
-            if best_s is not None:
-                s, pos = torch.cat([best_s, s], 1).topk(k, dim=1)
-                i = torch.cat([best_i, i], 1).gather(1, pos)
-            best_s, best_i = s, i
+        cuda = self.device != "cpu"
+        dtype = getattr(torch, self.options.get("dtype") or ("float16" if cuda else "float32"))
+        if self._device_db is None:  # copied to the device once, reused by every search
+            self._device_db = torch.from_numpy(self.vectors()).to(self.device, dtype)
+        db = self._device_db
+        chunk = int(self.options.get("chunk") or 262_144)
+        with torch.inference_mode():
+            qt = torch.from_numpy(q).to(self.device, dtype)
+            best_s, best_i = None, None
+            for start in range(0, len(db), chunk):
+                part = db[start : start + chunk]
+                s, i = (qt @ part.T).float().topk(min(k, len(part)), dim=1)
+                i = i + start
+                if best_s is not None:
+                    s, i = torch.cat([best_s, s], 1), torch.cat([best_i, i], 1)
+                    s, pos = s.topk(min(k, s.shape[1]), dim=1)
+                    i = i.gather(1, pos)
+                best_s, best_i = s, i
         return best_s.cpu().numpy(), best_i.cpu().numpy()
 
     def save(self, directory: Path) -> None:
-        """Write the index, names and metadata atomically (temp folder + rename)."""
-        directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
-        meta = {
-            "kind": self.kind,
-            "dim": self.dim,
-            "metric": "inner_product",
-            "count": len(self),
-            "options": self.options,
-        }
-        (tmp / META_FILE).write_text(json.dumps(meta))
-        (tmp / NAMES_FILE).write_text("".join(f"{n}\n" for n in self.names))
-        if self._faiss is None:
-            np.save(tmp / "vectors.npy", self._vectors)
-        else:
-            import faiss
+        """Write the index, names and metadata atomically (temporary folder + rename)."""
+        import faiss
 
-            faiss.write_index(self._faiss, str(tmp / "index.faiss"))
-        old = directory.with_name(f".{directory.name}.old")
+        if self._faiss is None:
+            raise UserError("the ivfpq index is not trained; train and add before saving")
+        directory = Path(directory)
+        if directory.exists() and any(directory.iterdir()) and not (directory / META_FILE).exists():
+            raise UserError(f"{directory} exists and is not an index; save to another folder")
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp"))
+        try:
+            meta = {
+                "format": FORMAT,
+                "kind": self.kind,
+                "dim": self.dim,
+                "metric": METRIC,
+                "count": len(self),
+                "options": self.options,
+            }
+            _write_durably(tmp / META_FILE, json.dumps(meta, indent=1).encode())
+            _write_durably(tmp / NAMES_FILE, json.dumps(self.names).encode())
+            faiss.write_index(self._faiss, str(tmp / INDEX_FILE))
+            _fsync_path(tmp / INDEX_FILE)
+            _fsync_path(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        old = _old_path(directory)
         if directory.exists():
             os.replace(directory, old)
         os.replace(tmp, directory)
+        _fsync_path(directory.parent)
         shutil.rmtree(old, ignore_errors=True)
 
     @classmethod
-    def load(cls, directory: Path, device: str = "cpu") -> GlobalIndex:
-        """Open a saved index; checks the metric and the number of names."""
+    def load(cls, directory: Path, device: str = "cpu", dim: int | None = None) -> GlobalIndex:
+        """Open a saved index; checks its files, dimension (against ``dim`` when given), metric
+        and names. ``device`` picks where exact kinds search (see the module doc)."""
+        import faiss
+
         directory = Path(directory)
+        if not (directory / META_FILE).is_file() and (_old_path(directory) / META_FILE).is_file():
+            # a save was interrupted between its two renames: the previous index is complete
+            logger.warning("%s is missing; loading the previous copy left by a save", directory)
+            directory = _old_path(directory)
         meta_path = directory / META_FILE
         if not meta_path.is_file():
             raise UserError(f"{directory} holds no saved index; build one with `locore index`")
-        meta = json.loads(meta_path.read_text())
-        if meta.get("metric") != "inner_product":
+        try:
+            meta = json.loads(meta_path.read_text())
+            kind, stored_dim = meta["kind"], int(meta["dim"])
+        except (ValueError, KeyError, TypeError):
+            raise UserError(f"{meta_path} is damaged; rebuild the index") from None
+        if meta.get("metric") != METRIC:
             raise UserError(
-                f"index {directory} uses metric {meta.get('metric')!r}, not inner product"
+                f"index {directory} uses metric {meta.get('metric')!r}, not {METRIC}; rebuild it"
             )
-        index = cls(meta["dim"], meta["kind"], **meta.get("options", {}))
-        if index._faiss is None:
-            index._vectors = np.load(directory / "vectors.npy")
-        else:
-            import faiss
-
-            index._faiss = faiss.read_index(str(directory / "index.faiss"))
-            if index._faiss.d != meta["dim"]:
-                raise UserError(f"index {directory}: stored dim {index._faiss.d} != {meta['dim']}")
-        index.names = (directory / NAMES_FILE).read_text().splitlines()
+        if dim is not None and int(dim) != stored_dim:
+            raise UserError(
+                f"index {directory} holds {stored_dim}-d descriptors, not {dim}-d; rebuild it "
+                "with the current extractor"
+            )
+        index = cls(stored_dim, kind, device=device, **meta.get("options", {}))
+        try:
+            index._faiss = faiss.read_index(str(directory / INDEX_FILE))
+        except RuntimeError:
+            raise UserError(f"{directory / INDEX_FILE} is missing or damaged; rebuild") from None
+        if index._faiss.d != stored_dim:
+            raise UserError(f"index {directory}: stored dim {index._faiss.d} != {stored_dim}")
+        if index._faiss.metric_type != faiss.METRIC_INNER_PRODUCT:
+            raise UserError(f"index {directory} does not use inner product; rebuild it")
+        if kind == "ivfpq":
+            faiss.extract_index_ivf(index._faiss).nprobe = _nprobe(index.options)
+        try:
+            index.names = json.loads((directory / NAMES_FILE).read_text())
+        except (OSError, ValueError):
+            raise UserError(f"{directory / NAMES_FILE} is missing or damaged; rebuild") from None
         if len(index.names) != len(index):
             raise UserError(
                 f"index {directory} has {len(index)} vectors but {len(index.names)} names"
@@ -210,13 +373,35 @@ class GlobalIndex:
         return index
 
 
-def _drop(sims: np.ndarray, ids: np.ndarray, exclude: Sequence[set[int]]):
-    keep = np.ones(ids.shape, bool)
+def _old_path(directory: Path) -> Path:
+    return directory.with_name(f".{directory.name}.old")
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _drop(
+    sims: np.ndarray, ids: np.ndarray, exclude: Sequence[set[int]]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Remove excluded ids per row; the kept ones move forward in order."""
+    keep = ids >= 0
     for q, bad in enumerate(exclude):
         if bad:
-            keep[q] = ~np.isin(ids[q], list(bad))
+            keep[q] &= ~np.isin(ids[q], np.fromiter(bad, np.int64, len(bad)))
     order = np.argsort(~keep, axis=1, kind="stable")
-    sims = np.where(keep, sims, -np.inf)
+    sims = np.where(keep, sims, -np.inf).astype(np.float32)
     ids = np.where(keep, ids, -1)
     return np.take_along_axis(sims, order, 1), np.take_along_axis(ids, order, 1)
 
@@ -226,4 +411,4 @@ def _pad(sims: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndar
         n, extra = sims.shape[0], k - sims.shape[1]
         sims = np.concatenate([sims, np.full((n, extra), -np.inf, np.float32)], 1)
         ids = np.concatenate([ids, np.full((n, extra), -1, np.int64)], 1)
-    return sims.astype(np.float32), ids
+    return np.ascontiguousarray(sims, np.float32), np.ascontiguousarray(ids, np.int64)

@@ -1,106 +1,188 @@
 """Training lists (reference-spec §5.2-5.3): each query with its nearest global neighbours.
 
-For query i: candidates are its global nearest neighbours with i removed, scanned in order,
-keeping negatives always and positives while fewer than ``max_positives`` are kept, until
-``list_length`` candidates; optionally random positives replace negatives when fewer than
-``min_positives`` are present. Gallery shuffling (on by default) permutes each list, so position
-in the sequence does not leak global similarity. Every random choice uses a generator seeded by
-``(seed, sample index)``, which makes a resumed run draw exactly what the uninterrupted one did.
+For query i the candidates are its global nearest neighbours with i removed (a shortlist file,
+or computed exactly from the globals), scanned in order, keeping negatives always and positives
+while fewer than ``max_positives`` are kept, until ``list_length`` candidates; optionally random
+positives replace negatives when fewer than ``min_positives`` are present. Gallery shuffling (on
+by default) permutes each list, because otherwise the position in the sequence would leak the
+global rank. Every random choice uses a generator seeded by ``(seed, draw)``, where ``draw`` is
+the sample's position in the training stream: a resumed run draws exactly what the uninterrupted
+one did, and a list seen in two epochs is shuffled differently each time.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from engine.errors import UserError
-from engine.extract import read_globals
+from engine.extract import GLOBAL_FILE, LOCAL_FILE, read_globals
 from indexing.local_store import LocalStore
+from indexing.shortlist import Shortlist
 from rerank.locore.model import LocoreInputs
+
+logger = logging.getLogger(__name__)
+
+SOURCES = ("features", "synthetic")
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     """Where the training descriptors are and how lists are built."""
 
-    features: str  # extraction folder: local.h5 + global.f32 (locore extract)
-    labels: str  # text file "name,class" per line (names as stored in local.h5)
-    list_length: int = 100  # gallery images per list
-    num_local: int = 48  # local descriptors per image
-    max_positives: int = 100  # cap on positives kept per list
-    min_positives: int = 0  # inject random positives up to this many
-    shuffle_gallery: bool = True  # permute each list (the official augmentation)
+    features: str = ""  # extraction folder: local.h5 + global.f32 (`locore extract`)
+    labels: str = ""  # text file, one "name,class" line per image (name with or without suffix)
+    shortlist: str = ""  # nearest global neighbours per image (ours or nn_*.pkl); "" = compute
+    candidates: int = 1600  # neighbours scanned per image when computing them (official nn depth)
+    list_length: int = 100  # gallery images per list (official topk)
+    num_local: int = 48  # local descriptors per image (official README: 48)
+    use_global: bool = True  # feed the global descriptor (1 global token per image)
+    max_positives: int = 100  # cap on positives kept per list (official max_pos_per_topk)
+    min_positives: int = 0  # inject random positives up to this many (official: 0, never)
+    shuffle_gallery: bool = True  # permute each list per draw (the official augmentation)
+    source: str = "features"  # features (an extraction) | synthetic (rerank.train.synthetic)
+    synthetic_lists: int = 2000  # lists generated when source is synthetic
+
+    def __post_init__(self) -> None:
+        if self.source not in SOURCES:
+            raise UserError(f"unknown data.source {self.source!r}; choose one of {SOURCES}")
+        if self.list_length < 1 or self.num_local < 1:
+            raise UserError("data.list_length and data.num_local must be at least 1")
+        if self.min_positives > self.list_length:
+            raise UserError(
+                f"data.min_positives={self.min_positives} exceeds data.list_length="
+                f"{self.list_length}; lower it"
+            )
+
+
+def read_labels(path: Path, names: list[str]) -> np.ndarray:
+    """Class of each stored image ``names`` from a ``name,class`` file (int64 ``[N]``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"labels file {path} does not exist; write one 'name,class' line per image")
+    table: dict[str, str] = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        name, sep, cls = line.strip().rpartition(",")
+        if not sep or not name:
+            raise UserError(f"{path}:{number} is not 'name,class': {line.strip()!r}")
+        table[name] = cls.strip()
+    classes: dict[str, int] = {}
+    out = np.empty(len(names), np.int64)
+    for i, name in enumerate(names):
+        cls = table.get(name, table.get(Path(name).stem))
+        if cls is None:
+            raise UserError(f"{path} has no label for image {name!r}; add a '{name},class' line")
+        out[i] = classes.setdefault(cls, len(classes))
+    return out
+
+
+def nearest_neighbours(globals_: np.ndarray, depth: int, chunk: int = 4096) -> np.ndarray:
+    """``[N, depth]`` ids of each row's most similar other rows (dot product, best first).
+
+    Exact and chunked, so memory stays ``chunk x N``; ties keep the lower id first.
+    """
+    g = torch.from_numpy(np.array(globals_, dtype=np.float32))  # a copy: memmaps are read-only
+    depth = min(depth, len(g) - 1)
+    out = []
+    for start in range(0, len(g), chunk):
+        sims = g[start : start + chunk] @ g.T
+        rows = torch.arange(start, start + len(sims))
+        sims[torch.arange(len(sims)), rows] = -torch.inf  # the query itself
+        out.append(torch.topk(sims, depth, dim=1, sorted=True).indices)
+    return torch.cat(out).numpy()
 
 
 class ListDataset:
     """Builds :class:`LocoreInputs` batches of training lists from an extraction folder."""
 
     def __init__(self, config: DataConfig, seed: int = 0):
+        if not config.features:
+            raise UserError("set data.features to an extraction folder (local.h5 + global.f32)")
         self.config, self.seed = config, seed
         folder = Path(config.features)
-        self.store = LocalStore(folder / "local.h5")
-        names = self.store.names or []
-        labels = {}
-        for line in Path(config.labels).read_text().splitlines():
-            name, _, cls = line.strip().rpartition(",")
-            if name:
-                labels[name] = int(cls)
-        missing = [n for n in names if Path(n).stem not in labels and n not in labels]
-        if missing:
-            raise UserError(f"{config.labels} has no label for {missing[0]!r}; add 'name,class'")
-        self.labels = np.array([labels.get(n, labels.get(Path(n).stem)) for n in names])
-        if len(names) <= config.list_length:
+        self.store = LocalStore(folder / LOCAL_FILE)
+        if self.store.names is None:
+            raise UserError(f"{folder / LOCAL_FILE} stores no image names; re-extract it")
+        count = len(self.store)
+        self.labels = read_labels(Path(config.labels), self.store.names)
+        if count <= config.list_length:
             raise UserError(
-                f"{len(names)} training images cannot fill lists of {config.list_length}; "
+                f"{count} training images cannot fill lists of {config.list_length}; "
                 "lower data.list_length"
             )
-        globals_ = np.asarray(read_globals(folder, self._global_dim(folder), len(names)))
-        self.globals = globals_
-        sims = globals_ @ globals_.T
-        np.fill_diagonal(sims, -np.inf)
-        self.neighbours = np.argsort(-sims, axis=1, kind="stable")[:, :-1]
-
-    def _global_dim(self, folder: Path) -> int:
-        size = (folder / "global.f32").stat().st_size
-        return size // (4 * len(self.store))
+        if self.store.num_local < config.num_local:
+            raise UserError(
+                f"{folder / LOCAL_FILE} stores {self.store.num_local} locals per image; lower "
+                f"data.num_local={config.num_local}"
+            )
+        size = (folder / GLOBAL_FILE).stat().st_size if (folder / GLOBAL_FILE).is_file() else 0
+        if size == 0 or size % (4 * count):
+            raise UserError(
+                f"{folder / GLOBAL_FILE} does not hold {count} float32 rows; re-extract"
+            )
+        self.globals = np.asarray(read_globals(folder, size // (4 * count), count))
+        if config.shortlist:
+            ids = Shortlist.load(Path(config.shortlist)).ids
+            if len(ids) != count:
+                raise UserError(
+                    f"shortlist {config.shortlist} has {len(ids)} rows for {count} images; "
+                    "it must come from the same extraction"
+                )
+        else:
+            ids = nearest_neighbours(self.globals, config.candidates)
+        self.neighbours = ids
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def list_ids(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """Gallery ids ``[G]`` and labels ``[G]`` of sample ``i``."""
+    def list_ids(self, i: int, draw: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Gallery ids ``[G]`` and 0/1 labels ``[G]`` of query ``i`` at stream position ``draw``."""
         c = self.config
-        rng = np.random.default_rng([self.seed, i])
+        rng = np.random.default_rng([self.seed, draw])
         same = self.labels == self.labels[i]
-        kept, positives = [], 0
+        kept: list[int] = []
+        positives = 0
         for j in self.neighbours[i]:
+            if j == i or j < 0:  # official shortlists may still hold the query (§5.2 step 2)
+                continue
             if same[j]:
                 if positives >= c.max_positives:
                     continue
                 positives += 1
-            kept.append(j)
+            kept.append(int(j))
             if len(kept) == c.list_length:
                 break
-        kept = np.array(kept)
+        if len(kept) < c.list_length:
+            raise UserError(
+                f"image {i} has only {len(kept)} usable neighbours for lists of {c.list_length}; "
+                "give a deeper shortlist or lower data.list_length"
+            )
+        ids = np.array(kept)
         if positives < c.min_positives:
-            pool = np.setdiff1d(np.flatnonzero(same), np.append(kept, i))
-            slots = np.flatnonzero(~same[kept])
+            pool = np.setdiff1d(np.flatnonzero(same), np.append(ids, i))
+            slots = np.flatnonzero(~same[ids])
             n = min(c.min_positives - positives, len(pool), len(slots))
-            kept[rng.choice(slots, n, replace=False)] = rng.choice(pool, n, replace=False)
+            ids[rng.choice(slots, n, replace=False)] = rng.choice(pool, n, replace=False)
         if c.shuffle_gallery:
-            kept = kept[rng.permutation(len(kept))]
-        return kept, same[kept].astype(np.int64)
+            ids = ids[rng.permutation(len(ids))]
+        return ids, same[ids].astype(np.int64)
 
-    def batch(self, indices: np.ndarray) -> LocoreInputs:
-        """Stack samples ``indices`` into one :class:`LocoreInputs` with ``positive_mask``."""
-        n = self.config.num_local
-        lists = [self.list_ids(int(i)) for i in indices]
+    def batch(self, indices: np.ndarray, draws: np.ndarray | None = None) -> LocoreInputs:
+        """Lists of queries ``indices`` (drawn at ``draws``) as one :class:`LocoreInputs`."""
+        indices = np.asarray(indices, dtype=np.int64)
+        draws = np.zeros_like(indices) if draws is None else np.asarray(draws)
+        lists = [self.list_ids(int(i), int(d)) for i, d in zip(indices, draws)]
         gallery = np.stack([ids for ids, _ in lists])
-        query = self.store.gather(np.asarray(indices)[:, None], n)
+        n = self.config.num_local
+        query = self.store.gather(indices[:, None], n)
         gal = self.store.gather(gallery, n)
+        use_global = self.config.use_global
         return LocoreInputs(
             query_local=torch.from_numpy(query.descriptors[:, 0]),
             query_scales=torch.from_numpy(query.scales[:, 0]),
@@ -108,7 +190,16 @@ class ListDataset:
             gallery_local=torch.from_numpy(gal.descriptors),
             gallery_scales=torch.from_numpy(gal.scales),
             gallery_mask=torch.from_numpy(gal.mask),
-            query_global=torch.from_numpy(self.globals[np.asarray(indices)]),
-            gallery_global=torch.from_numpy(self.globals[gallery]),
+            query_global=torch.from_numpy(self.globals[indices].copy()) if use_global else None,
+            gallery_global=torch.from_numpy(self.globals[gallery].copy()) if use_global else None,
             positive_mask=torch.from_numpy(np.stack([lab for _, lab in lists])),
         )
+
+
+def make_dataset(config: DataConfig, seed: int):
+    """The lists of ``config``: a :class:`ListDataset`, or generated synthetic lists."""
+    if config.source == "synthetic":
+        from rerank.train.synthetic import SyntheticLists, SyntheticSpec
+
+        return SyntheticLists(SyntheticSpec(), config.synthetic_lists, seed)
+    return ListDataset(config, seed)

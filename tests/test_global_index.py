@@ -1,0 +1,265 @@
+"""Global index: exact kinds equal brute force, IVF-PQ recall, exclusion, atomic save, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import faiss
+import numpy as np
+import pytest
+
+from engine.errors import UserError
+from indexing import global_index
+from indexing.global_index import GlobalIndex, default_m, default_nlist
+
+
+@pytest.fixture(autouse=True)
+def one_faiss_thread():
+    """FAISS's OpenMP threads spin against each other on a shared 2-core machine (k-means ~5x
+    slower); one thread keeps these small tests fast."""
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(threads)
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def clustered(rng: np.random.Generator, n: int, d: int, queries: int):
+    """Descriptors around 200 centres (like real collections) and queries near database items."""
+    centres = unit(rng.normal(size=(200, d)))
+    db = unit(centres[rng.integers(0, 200, n)] + 0.15 * rng.normal(size=(n, d)))
+    q = unit(db[:queries] + 0.05 * rng.normal(size=(queries, d)))
+    return db, q
+
+
+def brute_force(q: np.ndarray, db: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    sims = q.astype(np.float64) @ db.T.astype(np.float64)
+    ids = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(sims, ids, 1), ids
+
+
+def recall(ids: np.ndarray, truth: np.ndarray) -> float:
+    return float(np.mean([len(set(a) & set(b)) / truth.shape[1] for a, b in zip(ids, truth)]))
+
+
+EXACT = [("flat", {}), ("torch", {"chunk": 64}), ("torch", {"chunk": 1000})]
+
+
+@pytest.mark.parametrize(("kind", "options"), EXACT)
+@pytest.mark.parametrize("k", [1, 10, 150, 300])
+def test_exact_kinds_equal_brute_force(kind, options, k):
+    rng = np.random.default_rng(0)
+    db, q = unit(rng.normal(size=(300, 24))), unit(rng.normal(size=(5, 24)))
+    index = GlobalIndex.build(24, kind, **options)
+    index.add(db[:170])
+    index.add(db[170:])  # several adds, one id space
+    sims, ids = index.search(q, k)
+    want_sims, want_ids = brute_force(q, db, k)
+    assert sims.dtype == np.float32 and ids.dtype == np.int64 and ids.shape == (5, k)
+    np.testing.assert_array_equal(ids, want_ids)
+    np.testing.assert_allclose(sims, want_sims, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["flat", "torch"])
+def test_exact_kinds_on_the_gpu(kind, device):
+    rng = np.random.default_rng(1)
+    db, q = unit(rng.normal(size=(5000, 64))), unit(rng.normal(size=(7, 64)))
+    index = GlobalIndex.build(64, kind, device=device, chunk=1024)
+    index.add(db)
+    sims, ids = index.search(q, 100)
+    want_sims, want_ids = brute_force(q, db, 100)
+    assert recall(ids, want_ids) >= 0.99  # float16 scores may swap near-ties
+    np.testing.assert_allclose(sims, want_sims, atol=2e-3)
+
+
+def test_fewer_results_than_k_are_padded():
+    rng = np.random.default_rng(2)
+    db = unit(rng.normal(size=(4, 8)))
+    for kind in ("flat", "torch", "hnsw"):
+        index = GlobalIndex.build(8, kind)
+        index.add(db)
+        sims, ids = index.search(db[:2], 6)
+        assert (ids[:, 4:] == -1).all() and np.isneginf(sims[:, 4:]).all()
+        assert sorted(ids[0, :4]) == [0, 1, 2, 3] and ids[0, 0] == 0
+
+
+def test_hnsw_finds_nearly_all_neighbours():
+    rng = np.random.default_rng(3)
+    db, q = clustered(rng, 3000, 32, 10)
+    index = GlobalIndex.build(32, "hnsw")
+    index.add(db)
+    _, ids = index.search(q, 10)
+    assert recall(ids, brute_force(q, db, 10)[1]) >= 0.95
+
+
+def test_ivfpq_recall_at_100_with_default_settings():
+    rng = np.random.default_rng(4)
+    db, q = clustered(rng, 6000, 32, 20)
+    index = GlobalIndex.build(32, "ivfpq")
+    index.train(db)
+    index.add(db)
+    assert index.options["nlist"] == default_nlist(6000) == 309
+    _, ids = index.search(q, 100)
+    assert recall(ids, brute_force(q, db, 100)[1]) >= 0.95
+    coarse = GlobalIndex.build(32, "ivfpq", refine="none", nlist=64)  # codes only: coarser
+    coarse.train(db)
+    coarse.add(db)
+    assert recall(coarse.search(q, 100)[1], brute_force(q, db, 100)[1]) < 0.95
+
+
+def test_defaults_by_hand():
+    assert [default_m(d) for d in (768, 2048, 64, 32, 100, 8)] == [64, 64, 8, 4, 10, 1]
+    assert [default_nlist(n) for n in (10, 10_000, 1_000_000)] == [16, 400, 4000]
+
+
+@pytest.mark.parametrize("kind", ["flat", "torch", "ivfpq"])
+def test_exclusion_matches_brute_force_without_those_ids(kind):
+    rng = np.random.default_rng(5)
+    db, q = clustered(rng, 2000, 16, 3)
+    index = GlobalIndex.build(16, kind, **({"nlist": 16, "nprobe": 16} if kind == "ivfpq" else {}))
+    index.train(db)
+    index.add(db)
+    _, top = brute_force(q, db, 30)
+    junk = [set(top[0, :10].tolist()), set(), set(top[2, ::2].tolist())]
+    sims, ids = index.search(q, 20, exclude=junk)
+    for row, bad in zip(range(3), junk):
+        keep = [i for i in top[row] if i not in bad][:20]
+        assert not set(ids[row]) & bad
+        assert recall(ids[row : row + 1], np.array([keep])) >= (1.0 if kind != "ivfpq" else 0.9)
+    assert (np.diff(sims, axis=1) <= 1e-6).all()
+    with pytest.raises(UserError, match="2 sets for 3 queries"):
+        index.search(q, 5, exclude=[set(), set()])
+
+
+SAVED = [("flat", {}), ("torch", {"chunk": 50}), ("hnsw", {}), ("ivfpq", {"refine": "flat"})]
+
+
+@pytest.mark.parametrize(("kind", "options"), SAVED)
+def test_save_load_round_trip(tmp_path, kind, options):
+    rng = np.random.default_rng(6)
+    db, q = clustered(rng, 600, 16, 4)
+    index = GlobalIndex.build(16, kind, **options)
+    index.train(db)
+    names = [f"dir/img {i}.jpg" for i in range(599)] + ["odd\nname ü"]
+    index.add(db, names)
+    index.save(tmp_path / "ix")
+    loaded = GlobalIndex.load(tmp_path / "ix", dim=16)
+    assert (loaded.kind, loaded.dim, len(loaded), loaded.names) == (kind, 16, 600, names)
+    for a, b in zip(index.search(q, 25), loaded.search(q, 25)):
+        np.testing.assert_array_equal(a, b)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ix"]
+
+
+def test_save_is_atomic(tmp_path, monkeypatch):
+    rng = np.random.default_rng(7)
+    first, second = GlobalIndex.build(8), GlobalIndex.build(8)
+    first.add(unit(rng.normal(size=(5, 8))), list("abcde"))
+    second.add(unit(rng.normal(size=(3, 8))), list("xyz"))
+    first.save(tmp_path / "ix")
+    second.save(tmp_path / "ix")  # replaces the whole folder
+    assert GlobalIndex.load(tmp_path / "ix").names == list("xyz")
+
+    def broken(index, path):
+        with open(path, "wb") as f:
+            f.write(b"half an ind")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(faiss, "write_index", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        first.save(tmp_path / "ix")
+    assert GlobalIndex.load(tmp_path / "ix").names == list("xyz")  # old index untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ix"]  # no temporary left over
+    # a save killed between its two renames leaves only the previous copy: it still loads
+    os.replace(tmp_path / "ix", tmp_path / ".ix.old")
+    assert GlobalIndex.load(tmp_path / "ix").names == list("xyz")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    monkeypatch.undo()
+    with pytest.raises(UserError, match="not an index"):
+        first.save(tmp_path / "other")
+
+
+def test_load_checks_the_saved_index(tmp_path):
+    rng = np.random.default_rng(8)
+    index = GlobalIndex.build(8)
+    index.add(unit(rng.normal(size=(6, 8))))
+    index.save(tmp_path / "ix")
+    with pytest.raises(UserError, match="holds 8-d descriptors, not 16-d"):
+        GlobalIndex.load(tmp_path / "ix", dim=16)
+    meta_path = tmp_path / "ix" / "index.json"
+    meta = json.loads(meta_path.read_text())
+    for change, message in (({"metric": "l2"}, "metric 'l2'"), ({"dim": 9}, "stored dim 8")):
+        meta_path.write_text(json.dumps({**meta, **change}))
+        with pytest.raises(UserError, match=message):
+            GlobalIndex.load(tmp_path / "ix")
+    meta_path.write_text("{broken")
+    with pytest.raises(UserError, match="damaged"):
+        GlobalIndex.load(tmp_path / "ix")
+    meta_path.write_text(json.dumps(meta))
+    (tmp_path / "ix" / "names.json").write_text('["a"]')
+    with pytest.raises(UserError, match="6 vectors but 1 names"):
+        GlobalIndex.load(tmp_path / "ix")
+    (tmp_path / "ix" / "index.faiss").write_bytes(b"garbage")
+    with pytest.raises(UserError, match="damaged"):
+        GlobalIndex.load(tmp_path / "ix")
+    with pytest.raises(UserError, match="no saved index"):
+        GlobalIndex.load(tmp_path / "nothing")
+
+
+def test_bad_vectors_and_options():
+    rng = np.random.default_rng(9)
+    index = GlobalIndex.build(8)
+    with pytest.raises(UserError, match="index is empty"):
+        index.search(unit(rng.normal(size=(1, 8))), 3)
+    good = unit(rng.normal(size=(3, 8)))
+    cases = {
+        "NaN": good.copy(),
+        "infinite": good.copy(),
+        "zero vector": good.copy(),
+        "not L2-normalised": good * 2,
+        r"shape \(3, 9\)": unit(rng.normal(size=(3, 9))),
+    }
+    cases["NaN"][1, 2] = np.nan
+    cases["infinite"][2, 0] = np.inf
+    cases["zero vector"][0] = 0
+    for message, x in cases.items():
+        with pytest.raises(UserError, match=message):
+            index.add(x)
+    with pytest.raises(UserError, match="2 names for 3"):
+        index.add(good, ["a", "b"])
+    index.add(good)
+    for message, x in cases.items():
+        with pytest.raises(UserError, match=message):
+            index.search(x, 2)
+    with pytest.raises(UserError, match="k >= 1"):
+        index.search(good, 0)
+    with pytest.raises(UserError, match="unknown index kind"):
+        GlobalIndex.build(8, "lsh")
+    with pytest.raises(UserError, match="unknown option 'nlist' for index kind 'flat'"):
+        GlobalIndex.build(8, "flat", nlist=4)
+    with pytest.raises(UserError, match="m=3 must divide"):
+        GlobalIndex.build(8, "ivfpq", m=3)
+    with pytest.raises(UserError, match="refine"):
+        GlobalIndex.build(8, "ivfpq", refine=True)
+    with pytest.raises(UserError, match="not one of cpu"):
+        GlobalIndex.build(8, device="tpu")
+    ivf = GlobalIndex.build(8, "ivfpq")
+    with pytest.raises(UserError, match="not trained"):
+        ivf.add(good)
+    with pytest.raises(UserError, match="at least 256 training vectors"):
+        ivf.train(unit(rng.normal(size=(100, 8))))
+
+
+def test_cuda_request_without_a_gpu_is_a_clear_error(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match="no CUDA device"):
+        GlobalIndex.build(8, device="cuda")
+    assert GlobalIndex.build(8, device="auto").device == "cpu"
+    assert global_index._resolve_device("cpu") == "cpu"
