@@ -1,20 +1,30 @@
 """DINOv2 ViT-B/14 with 4 registers + the AMES detector: the paper's default extractor.
 
-The ViT's parameter names are those of the torch-hub checkpoint
-(``dinov2_vitb14_reg4_pretrain.pth``), so hub files load strictly with no renaming; timm /
-Hugging Face weights (``timm/vit_base_patch14_reg4_dinov2.lvd142m``) are remapped on load.
-Position embeddings are resized for non-518 inputs exactly like the hub model (bicubic with
-antialiasing, target size given directly, i.e. interpolation offset 0), not like timm's default.
+Architecture: timm's ``vit_base_patch14_reg4_dinov2`` (LayerScale, 4 register tokens, position
+table on the 37x37 grid of 518 px inputs). Weights load strictly from either layout:
 
-Outputs follow the official extraction (reference-spec §2.3-2.6): patch tokens after the final
-LayerNorm go through the detector; the top-K tokens by detector weight become local rows
-``[(14r+7)/H', (14c+7)/W', 0, padding flag, weight, descriptor]``; the global descriptor is the
-normalised detector-weighted mean of ALL patch descriptors; ``extra["cls"]`` is the normalised CLS.
+* torch-hub (``dinov2_vitb14_reg4_pretrain.pth``): ``cls_token``, ``pos_embed [1, 1 + 37*37, D]``,
+  ``register_tokens``, ``mask_token`` (training only, dropped), ``blocks.*``; remapped to timm
+  names by folding the CLS position into ``cls_token`` (the hub adds it in every forward, the
+  same float32 sum);
+* timm / Hugging Face (``timm/vit_base_patch14_reg4_dinov2.lvd142m``): loaded as is.
+
+The forward is our own so that the position table is resized exactly as the hub model does for
+non-518 inputs (bicubic, antialiased, straight to the target grid, i.e. offset 0), whatever
+timm's resampling default is. Patch tokens and CLS come after the final LayerNorm; registers
+are dropped.
+
+Outputs follow the official extraction (reference-spec §2.3-2.6): the detector turns every patch
+token into a unit descriptor and a weight; the top-K tokens by weight become local rows
+``[(14r+7)/H', (14c+7)/W', 0, 0, weight, descriptor]`` (padded rows when fewer than K tokens);
+the global descriptor is the normalised detector-weighted mean of ALL patch descriptors;
+``extra["cls"]`` is the normalised CLS token.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
@@ -24,207 +34,206 @@ from torch import nn
 
 from engine.errors import UserError
 from feature_extractors.base import Extractor, ImageFeatures, LocalFeatures
-from feature_extractors.detector import Detector, load_detector, strict_load
-from feature_extractors.preprocess import official_resize, to_tensor
+from feature_extractors.detector import build_detector
+from feature_extractors.preprocess import (
+    axis_factor,
+    base_scale,
+    check_min_side,
+    crop_box,
+    cv2_resize,
+    to_tensor,
+)
+from feature_extractors.weights import RANDOM, load_state, load_strict
 
 logger = logging.getLogger(__name__)
 
 HF_ID = "timm/vit_base_patch14_reg4_dinov2.lvd142m"
+HUB_URL = "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitb14/dinov2_vitb14_reg4_pretrain.pth"
+TIMM_ARCH = "vit_base_patch14_reg4_dinov2"
+AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class Block(nn.Module):
-    """Pre-norm transformer block with LayerScale (hub names: norm1, attn.qkv, ls1.gamma, ...)."""
+def build_vit(
+    embed_dim: int = 768,
+    depth: int = 12,
+    num_heads: int = 12,
+    num_registers: int = 4,
+    patch_size: int = 14,
+    img_size: int = 518,
+) -> nn.Module:
+    """timm ViT with the DINOv2-reg architecture (defaults = ViT-B/14, 4 registers), no head."""
+    import timm
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float):
-        super().__init__()
-        self.heads = heads
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = nn.Module()
-        self.attn.qkv = nn.Linear(dim, 3 * dim)
-        self.attn.proj = nn.Linear(dim, dim)
-        self.ls1 = nn.Module()
-        self.ls1.gamma = nn.Parameter(torch.ones(dim))
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = nn.Module()
-        self.mlp.fc1 = nn.Linear(dim, int(dim * mlp_ratio))
-        self.mlp.fc2 = nn.Linear(int(dim * mlp_ratio), dim)
-        self.ls2 = nn.Module()
-        self.ls2.gamma = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, d = x.shape
-        qkv = self.attn.qkv(self.norm1(x)).reshape(b, n, 3, self.heads, d // self.heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d)
-        x = x + self.ls1.gamma * self.attn.proj(a)
-        h = self.mlp.fc2(F.gelu(self.mlp.fc1(self.norm2(x))))
-        return x + self.ls2.gamma * h
+    return timm.create_model(
+        TIMM_ARCH,
+        pretrained=False,
+        num_classes=0,
+        dynamic_img_size=True,  # any multiple of the patch size; the table is resized below
+        img_size=img_size,
+        patch_size=patch_size,
+        embed_dim=embed_dim,
+        depth=depth,
+        num_heads=num_heads,
+        reg_tokens=num_registers,
+    )
 
 
-class DinoViT(nn.Module):
-    """DINOv2 ViT with register tokens, torch-hub parameter layout."""
+def hub_position_embedding(pos_embed: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """Patch position table ``[1, S*S, D]`` resized to ``[1, rows*cols, D]`` like the hub model.
 
-    def __init__(
-        self,
-        embed_dim: int = 768,
-        depth: int = 12,
-        num_heads: int = 12,
-        mlp_ratio: float = 4.0,
-        patch_size: int = 14,
-        img_size: int = 518,
-        num_registers: int = 4,
-    ):
-        super().__init__()
-        self.patch_size = patch_size
-        grid = img_size // patch_size
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, embed_dim))
-        self.register_tokens = nn.Parameter(torch.zeros(1, num_registers, embed_dim))
-        self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
-        self.patch_embed = nn.Module()
-        self.patch_embed.proj = nn.Conv2d(3, embed_dim, patch_size, patch_size)
-        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio) for _ in range(depth)])
-        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
-        self.num_registers = num_registers
-
-    def position_embedding(self, rows: int, cols: int) -> torch.Tensor:
-        """``[1, 1 + rows*cols, D]``: the hub's bicubic + antialias resize of the patch table."""
-        pos = self.pos_embed.float()
-        n = pos.shape[1] - 1
-        side = int(round(n**0.5))
-        if rows == cols == side:
-            return pos
-        table = pos[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
-        table = F.interpolate(table, size=(rows, cols), mode="bicubic", antialias=True)
-        return torch.cat([pos[:, :1], table.permute(0, 2, 3, 1).reshape(1, rows * cols, -1)], 1)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[B, 3, H, W]`` -> (CLS ``[B, D]``, patch tokens ``[B, H/14 * W/14, D]``), both after
-        the final LayerNorm; register tokens are dropped."""
-        b, _, h, w = x.shape
-        tokens = self.patch_embed.proj(x).flatten(2).transpose(1, 2)
-        tokens = torch.cat([self.cls_token.expand(b, -1, -1), tokens], 1)
-        tokens = tokens + self.position_embedding(h // self.patch_size, w // self.patch_size)
-        registers = self.register_tokens.expand(b, -1, -1)
-        tokens = torch.cat([tokens[:, :1], registers, tokens[:, 1:]], 1)
-        for block in self.blocks:
-            tokens = block(tokens)
-        tokens = self.norm(tokens)
-        return tokens[:, 0], tokens[:, 1 + self.num_registers :]
+    Bicubic with antialiasing, output size given directly (interpolate_offset 0), computed in
+    float32 (float64 tables stay float64); returned unchanged for the native square grid.
+    """
+    side = math.isqrt(pos_embed.shape[1])
+    if rows == cols == side:
+        return pos_embed
+    grid = pos_embed.to(torch.promote_types(pos_embed.dtype, torch.float32))
+    grid = grid.reshape(1, side, side, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=(rows, cols), mode="bicubic", antialias=True)
+    return grid.permute(0, 2, 3, 1).reshape(1, rows * cols, -1).to(pos_embed.dtype)
 
 
-def from_timm_layout(state: dict) -> dict:
-    """timm/HF names -> hub names (timm folds the CLS position into ``cls_token``)."""
-    if "reg_token" not in state:
-        return state
-    state = dict(state)
-    state["register_tokens"] = state.pop("reg_token")
-    patch_pos = state.pop("pos_embed")
-    state["pos_embed"] = torch.cat([torch.zeros_like(patch_pos[:, :1]), patch_pos], 1)
-    state.setdefault("mask_token", torch.zeros(1, patch_pos.shape[-1]))
-    return state
+def vit_tokens(vit: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[B, 3, H, W]`` (sides multiples of the patch) -> (CLS ``[B, D]``, patch tokens
+    ``[B, H/p * W/p, D]`` in row-major grid order), both after the final LayerNorm."""
+    x = vit.patch_embed(images)  # [B, H/p, W/p, D]
+    b, rows, cols, dim = x.shape
+    x = x.reshape(b, rows * cols, dim) + hub_position_embedding(vit.pos_embed, rows, cols).to(
+        x.dtype
+    )
+    prefix = [vit.cls_token.expand(b, -1, -1)]
+    if vit.reg_token is not None:
+        prefix.append(vit.reg_token.expand(b, -1, -1))
+    x = vit.norm(vit.blocks(vit.norm_pre(torch.cat(prefix + [x], dim=1))))
+    return x[:, 0], x[:, vit.num_prefix_tokens :]
 
 
-def load_vit_weights(vit: DinoViT, weights: str | Path) -> None:
-    """Load a hub ``.pth``, a safetensors/``.pth`` in timm layout, or a Hugging Face id."""
-    path = Path(weights)
-    if not path.exists():
-        if "/" not in str(weights):
-            raise UserError(f"DINOv2 weights {weights} not found; pass a file or a HF id")
-        from huggingface_hub import hf_hub_download
+def timm_layout(state: dict) -> dict:
+    """Torch-hub key layout -> timm names; a timm-layout dict is returned unchanged."""
+    if "register_tokens" not in state and "mask_token" not in state:
+        return dict(state)
+    out = {k: v for k, v in state.items() if k not in ("register_tokens", "mask_token")}
+    if "register_tokens" in state:
+        out["reg_token"] = state["register_tokens"]
+    if "cls_token" in state and "pos_embed" in state:
+        out["cls_token"] = state["cls_token"] + state["pos_embed"][:, :1]
+        out["pos_embed"] = state["pos_embed"][:, 1:]
+    return out
 
-        path = Path(hf_hub_download(str(weights), "model.safetensors"))
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
 
-        state = load_file(path)
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    state = {k: v for k, v in from_timm_layout(state).items() if not k.startswith("head.")}
-    strict_load(vit, state, f"DINOv2 weights {path}")
+def load_vit(vit: nn.Module, source: str | Path, cache_dir: str | Path | None = None) -> None:
+    """Load hub- or timm-layout weights (file, folder, HF id or URL) strictly into ``vit``."""
+    state = load_state(source, "DINOv2 weights", ("model", "state_dict"), cache_dir=cache_dir)
+    load_strict(vit, timm_layout(state), f"DINOv2 weights {source}", optional=())
 
 
 class DinoV2Extractor(Extractor):
-    """DINOv2 + AMES detector: global, CLS and top-K local descriptors."""
+    """DINOv2 + AMES detector: detector-weighted global, CLS and top-K local descriptors."""
 
     def __init__(
         self,
-        vit: DinoViT,
-        detector: Detector,
+        vit: nn.Module,
+        detector: nn.Module,
         num_local: int = 700,
-        imsize: int = 770,
-        autocast: str | None = None,
+        imsize: int | None = 770,
+        dtype: str = "fp32",
+        min_side: int = 14,
     ):
         super().__init__()
+        if dtype not in AUTOCAST:
+            raise UserError(f"dtype {dtype!r} is not one of {sorted(AUTOCAST)}; pick one")
         self.vit, self.detector = vit, detector
-        self.num_local, self.imsize = num_local, imsize
-        self.autocast = autocast
-        self.global_dim = self.local_dim = vit.norm.normalized_shape[0]
+        self.patch = vit.patch_embed.patch_size[0]
+        self.num_local, self.imsize, self.dtype, self.min_side = num_local, imsize, dtype, min_side
+        self.global_dim = self.local_dim = vit.embed_dim
         self.eval()
 
     def preprocess(self, image: np.ndarray, box: tuple[float, ...] | None = None) -> torch.Tensor:
-        resized = official_resize(image, self.imsize, self.vit.patch_size, box)
-        if min(resized.shape[:2]) < self.vit.patch_size:
-            raise UserError(
-                f"image region resizes to {resized.shape[1]}x{resized.shape[0]} px, "
-                "smaller than one 14 px patch; use a larger image or box"
-            )
+        """RGB image (and query box) -> ImageNet-normalised RGB ``[3, 14a, 14b]`` (spec §2.2)."""
+        s = base_scale(image.shape, self.imsize)
+        crop = crop_box(image, box)
+        check_min_side(crop.shape, s, self.min_side, "DINOv2 (one 14 px patch)")
+        h, w = crop.shape[:2]
+        resized = cv2_resize(crop, axis_factor(w, s, self.patch), axis_factor(h, s, self.patch))
         return to_tensor(resized)
 
     @torch.inference_mode()
     def extract_batch(self, images: torch.Tensor) -> list[ImageFeatures]:
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.autocast or "")
+        """``[B, 3, H', W']`` -> features; ViT under the chosen autocast, detector in float32."""
+        dtype = AUTOCAST[self.dtype]
         with torch.autocast(images.device.type, dtype=dtype, enabled=dtype is not None):
-            cls, patches = self.vit(images)
-            desc, weight = self.detector(patches)
-        cls, desc, weight = cls.float(), desc.float(), weight.float()
+            cls, patches = vit_tokens(self.vit, images)
+        desc, weight = self.detector(patches.float())
+        # Official: normalise per scale, then the mean over the (single) scale again.
+        pooled = F.normalize(F.normalize((weight.unsqueeze(-1) * desc).mean(1), dim=-1), dim=-1)
+        cls = F.normalize(F.normalize(cls.float(), dim=-1), dim=-1)
         _, _, h, w = images.shape
-        p = self.vit.patch_size
-        rows_n, cols_n = h // p, w // p
-        r = torch.arange(rows_n, device=desc.device).repeat_interleave(cols_n)
-        c = torch.arange(cols_n, device=desc.device).repeat(rows_n)
-        positions = torch.stack([(p * r + p / 2) / h, (p * c + p / 2) / w], 1)
-        scale_ids = torch.zeros(rows_n * cols_n, dtype=torch.int64)
-        pooled = F.normalize((desc * weight.unsqueeze(-1)).mean(1), dim=-1)
-        cls = F.normalize(cls, dim=-1)
+        positions, scale_ids = patch_positions(h, w, self.patch, desc.device)
+        pooled, cls = pooled.cpu().numpy(), cls.cpu().numpy()
         return [
             ImageFeatures(
-                global_desc=pooled[i].cpu().numpy(),
+                global_desc=pooled[i],
                 local=LocalFeatures.from_topk(
                     desc[i], weight[i], positions, scale_ids, self.num_local
                 ),
                 size=(int(h), int(w)),
-                extra={"cls": cls[i].cpu().numpy()},
+                extra={"cls": cls[i]},
             )
             for i in range(images.shape[0])
         ]
+
+
+def patch_positions(
+    h: int, w: int, patch: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-major ``((p r + p/2) / H, (p c + p/2) / W)`` float32 ``[N, 2]`` and scale ids 0."""
+    rows, cols = h // patch, w // patch
+    r = (torch.arange(rows, device=device) * patch + patch / 2).repeat_interleave(cols)
+    c = (torch.arange(cols, device=device) * patch + patch / 2).repeat(rows)
+    positions = torch.stack([r / h, c / w], dim=1)
+    return positions, torch.zeros(rows * cols, dtype=torch.int64, device=device)
 
 
 def dinov2_vitb14_reg(
     weights: str | None = HF_ID,
     detector: str | None = None,
     num_local: int = 700,
-    imsize: int = 770,
-    autocast: str | None = None,
+    imsize: int | None = 770,
+    dtype: str = "fp32",
     device: str = "cpu",
+    cache_dir: str | None = None,
+    min_side: int = 14,
     embed_dim: int = 768,
     depth: int = 12,
     num_heads: int = 12,
+    num_registers: int = 4,
 ) -> DinoV2Extractor:
-    """DINOv2 ViT-B/14 (4 registers) + AMES detector.
+    """DINOv2 ViT-B/14 (4 registers) + AMES detector, preprocessing as the official extraction.
 
     Args:
-        weights: hub ``.pth`` / timm-layout file / HF id; None = random (tests, benchmarks).
-        detector: ``dinov2_detector.pt`` (AMES release); None = random detector, for tests only.
-        num_local: K rows stored per image (700 official; LoCoRe reads 48).
-        imsize: long side of the full image after resizing (770 official).
-        autocast: None (fp32, exact), "bf16" or "fp16" on GPU.
-        embed_dim, depth, num_heads: architecture (defaults = ViT-B).
+        weights: torch-hub ``.pth`` (e.g. :data:`HUB_URL`), timm-layout file or folder, HF id
+            (default, downloaded once), or "random" (tests, speed benchmarks).
+        detector: AMES ``dinov2_detector.pt`` (path / URL / HF id), "random", or None for the
+            official no-detector fallback (raw tokens weighted by their norm; not LoCoRe's).
+        num_local: rows K stored per image (700 official; LoCoRe reads the first 48).
+        imsize: long side of the full image after resizing (770 official; None = native).
+        dtype: "fp32" (exact, default), or "bf16" / "fp16" autocast for the ViT (GPU).
+        device: torch device.
+        cache_dir: download cache for hub ids and URLs.
+        min_side: images whose scaled short side is below this many pixels are rejected
+            (the official code would stretch them to one 14 px patch).
+        embed_dim, depth, num_heads, num_registers: architecture (defaults = ViT-B/14-reg4).
+
+    Example:
+        >>> import feature_extractors
+        >>> ex = feature_extractors.create(
+        ...     "dinov2_vitb14_reg", weights="dinov2_vitb14_reg4_pretrain.pth",
+        ...     detector="dinov2_detector.pt")  # doctest: +SKIP
     """
-    vit = DinoViT(embed_dim, depth, num_heads)
-    if weights is not None:
-        load_vit_weights(vit, weights)
-    det = load_detector(detector, embed_dim) if detector is not None else Detector(embed_dim)
-    if detector is None:
-        logger.warning("no detector file given: the AMES detector has random weights")
-    return DinoV2Extractor(vit, det, num_local, imsize, autocast).to(device)
+    vit = build_vit(embed_dim, depth, num_heads, num_registers)
+    if weights is None:
+        raise UserError("dinov2_vitb14_reg needs weights: a file, HF id, URL or 'random'")
+    if weights != RANDOM:
+        load_vit(vit, weights, cache_dir)
+    det = build_detector(detector, embed_dim, cache_dir)
+    return DinoV2Extractor(vit, det, num_local, imsize, dtype, min_side).to(device)
