@@ -13,12 +13,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from extract_helpers import detector_state, normalize, spec_detector, spec_rows
+from extract_helpers import detector_state, normalize, one_torch_thread, spec_detector, spec_rows
 from safetensors.torch import save_file
 
 import feature_extractors
 from engine.errors import UserError
 from feature_extractors.dinov2 import hub_position_embedding, vit_tokens
+
+_one_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread)
 
 D, DEPTH, HEADS, REG, PATCH, GRID = 48, 2, 3, 4, 14, 37  # GRID: 518 px / 14
 

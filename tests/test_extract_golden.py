@@ -13,10 +13,13 @@ import json
 import numpy as np
 import pytest
 import torch
+from extract_helpers import one_torch_thread
 from safetensors.torch import save_file
 
 import feature_extractors
 from feature_extractors.io import load_image
+
+_one_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread)
 
 
 def build(data_dir, meta, weights):
