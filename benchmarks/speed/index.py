@@ -151,9 +151,16 @@ def write_store(path: Path, images: int, num_local: int, dim: int, seed: int) ->
     return time.perf_counter() - start
 
 
-def measure_gather(path: Path, gather: int, num_local: int, trials: int, seed: int) -> dict:
+GATHER_METHODS = ("gather", "gather_without_readahead", "naive_h5py_loop", "h5py_fancy_index")
+
+
+def measure_gather(
+    path: Path, gather: int, num_local: int, trials: int, seed: int, names: list[str]
+) -> dict:
+    """Time ``gather`` images x ``num_local`` rows with each method in ``names``."""
     import h5py
 
+    from indexing import local_store
     from indexing.local_store import LocalStore
 
     rng = np.random.default_rng(seed)
@@ -170,7 +177,25 @@ def measure_gather(path: Path, gather: int, num_local: int, trials: int, seed: i
             ds = f["features"]
             np.stack([ds[int(i), :num_local] for i in ids]).astype(np.float32)
 
-    methods = {"gather": lambda ids: store.gather(ids[None], num_local), "naive_h5py_loop": naive}
+    def fancy(ids: np.ndarray) -> None:
+        with h5py.File(path, "r", rdcc_nbytes=0) as f:
+            f["features"][np.sort(ids), :num_local].astype(np.float32)
+
+    def no_readahead(ids: np.ndarray) -> None:
+        advise = local_store._advise
+        local_store._advise = lambda *args: None
+        try:
+            store.gather(ids[None], num_local)
+        finally:
+            local_store._advise = advise
+
+    every = {
+        "gather": lambda ids: store.gather(ids[None], num_local),
+        "gather_without_readahead": no_readahead,
+        "naive_h5py_loop": naive,
+        "h5py_fancy_index": fancy,
+    }
+    methods = {name: every[name] for name in names}
     with store:
         for _ in range(trials):
             ids = rng.choice(len(store), gather, replace=False)
@@ -220,6 +245,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gather", type=int, default=400, help="images per gather")
     parser.add_argument("--num-local", type=int, default=48, help="descriptors read per image")
     parser.add_argument("--trials", type=int, default=5)
+    parser.add_argument(
+        "--methods", nargs="+", default=list(GATHER_METHODS), choices=GATHER_METHODS
+    )
     parser.add_argument("--skip-store", action="store_true", help="only the index part")
     parser.add_argument("--keep-store", action="store_true", help="do not delete the store")
     parser.add_argument("--seed", type=int, default=0)
@@ -251,7 +279,9 @@ def run(args: argparse.Namespace) -> int:
                     path, args.store_images, args.store_k, args.store_dim, args.seed
                 )
                 print(f"wrote {path} ({path.stat().st_size / 1e9:.2f} GB) in {write_s:.0f} s")
-            r = measure_gather(path, args.gather, args.num_local, args.trials, args.seed)
+            r = measure_gather(
+                path, args.gather, args.num_local, args.trials, args.seed, args.methods
+            )
             on_disk = os.stat(path).st_blocks * 512
             raw = args.store_k * (5 + args.store_dim) * 2
             r["disk_bytes_per_image"] = on_disk / r["images"]
@@ -264,7 +294,7 @@ def run(args: argparse.Namespace) -> int:
             print("page cache could not be dropped (not root): 'cold' rows are not cold")
         print(f"open + address table: {r['open_and_map_s']:.2f} s for {r['images']:,} images")
         print("| method | cache | ms per gather | images/s |\n|---|---|---|---|")
-        for method in ("gather", "naive_h5py_loop"):
+        for method in args.methods:
             for cache in ("cold", "warm"):
                 m = r[f"{method}_{cache}"]
                 print(f"| {method} | {cache} | {m['ms']:.1f} | {m['images_per_s']:,.0f} |")
