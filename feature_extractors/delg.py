@@ -194,8 +194,40 @@ class DelgExtractor(Extractor):
         return out
 
 
-def _build(depth: int, weights: str | None, device: str, cache_dir: str | None, **options):
-    block3_strides = options.pop("block3_strides")
+def delg(
+    depth: int = 50,
+    weights: str | None = None,
+    num_local: int = 1000,
+    score_threshold: float | None = None,
+    imsize: int | None = 1024,
+    pixel_norm: str = "tf",
+    block3_strides: bool = True,
+    local_scales: Sequence[float] = LOCAL_SCALES,
+    global_scales: Sequence[float] = GLOBAL_SCALES,
+    dtype: str = "fp32",
+    device: str = "cpu",
+    cache_dir: str | None = None,
+) -> DelgExtractor:
+    """DELG ResNet-50/101: 2048-D global + top-1000 128-D local descriptors.
+
+    Registered as ``delg_r50`` and ``delg_r101`` (the name fixes ``depth``).
+
+    Args:
+        depth: 50 or 101.
+        weights: a state dict in the layout of ``cards/DELG.md`` (path / URL / HF id; optionally
+            under ``model_state``) or "random". No public PyTorch DELG weights exist.
+        num_local: rows K per image (1000 in TF DELG).
+        score_threshold: keep only locals with attention >= this before the top-K (TF DELG
+            configs: 175.0 R50-GLD, 166.1 R101-GLD, 454.6 R50-GLDv2-clean, 357.48
+            R101-GLDv2-clean); None keeps all.
+        imsize: largest long side; bigger images are shrunk (1024 in TF DELG).
+        pixel_norm: "tf" (RGB, (x - 128) / 128) or "imagenet_bgr" (pycls-trained weights).
+        block3_strides: local features at stride 32 (TF DELG) instead of 16.
+        local_scales, global_scales: image pyramid for locals (scale id = index) and globals.
+        dtype: "fp32" (exact) or "bf16" / "fp16" autocast.
+        device: torch device.
+        cache_dir: download cache.
+    """
     if weights is None:
         raise UserError(
             f"delg_r{depth} needs weights in the layout of feature_extractors/cards/DELG.md "
@@ -205,79 +237,7 @@ def _build(depth: int, weights: str | None, device: str, cache_dir: str | None, 
         model = Delg(depth, block3_strides=block3_strides)
     else:
         model = load_delg(weights, depth, block3_strides, cache_dir)
-    return DelgExtractor(model, **options).to(device)
-
-
-def delg_r50(
-    weights: str | None = None,
-    num_local: int = 1000,
-    score_threshold: float | None = None,
-    imsize: int | None = 1024,
-    pixel_norm: str = "tf",
-    block3_strides: bool = True,
-    local_scales: Sequence[float] = LOCAL_SCALES,
-    global_scales: Sequence[float] = GLOBAL_SCALES,
-    dtype: str = "fp32",
-    device: str = "cpu",
-    cache_dir: str | None = None,
-) -> DelgExtractor:
-    """DELG ResNet-50: 2048-D global + top-1000 128-D local descriptors.
-
-    Args:
-        weights: a state dict in the layout of ``cards/DELG.md`` (path / URL / HF id; optionally
-            under ``model_state``) or "random". No public PyTorch DELG weights exist.
-        num_local: rows K per image (1000 in TF DELG).
-        score_threshold: keep only locals with attention >= this before the top-K (TF DELG
-            configs: 175.0 for R50-GLD, 454.6 for R50-GLDv2-clean); None keeps all.
-        imsize: largest long side; bigger images are shrunk (1024 in TF DELG).
-        pixel_norm: "tf" (RGB, (x - 128) / 128) or "imagenet_bgr" (pycls-trained weights).
-        block3_strides: local features at stride 32 (TF DELG) instead of 16.
-        local_scales, global_scales: image pyramid for locals (scale id = index) and globals.
-        dtype: "fp32" (exact) or "bf16" / "fp16" autocast.
-        device: torch device.
-        cache_dir: download cache.
-    """
-    return _build(
-        50,
-        weights,
-        device,
-        cache_dir,
-        num_local=num_local,
-        local_scales=local_scales,
-        global_scales=global_scales,
-        score_threshold=score_threshold,
-        imsize=imsize,
-        pixel_norm=pixel_norm,
-        block3_strides=block3_strides,
-        dtype=dtype,
+    extractor = DelgExtractor(
+        model, num_local, local_scales, global_scales, score_threshold, imsize, pixel_norm, dtype
     )
-
-
-def delg_r101(
-    weights: str | None = None,
-    num_local: int = 1000,
-    score_threshold: float | None = None,
-    imsize: int | None = 1024,
-    pixel_norm: str = "tf",
-    block3_strides: bool = True,
-    local_scales: Sequence[float] = LOCAL_SCALES,
-    global_scales: Sequence[float] = GLOBAL_SCALES,
-    dtype: str = "fp32",
-    device: str = "cpu",
-    cache_dir: str | None = None,
-) -> DelgExtractor:
-    """DELG ResNet-101 (TF R101 thresholds: 166.1 GLD, 357.48 GLDv2-clean); as :func:`delg_r50`."""
-    return _build(
-        101,
-        weights,
-        device,
-        cache_dir,
-        num_local=num_local,
-        local_scales=local_scales,
-        global_scales=global_scales,
-        score_threshold=score_threshold,
-        imsize=imsize,
-        pixel_norm=pixel_norm,
-        block3_strides=block3_strides,
-        dtype=dtype,
-    )
+    return extractor.to(device)

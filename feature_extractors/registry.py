@@ -6,6 +6,8 @@ from typing import Any
 
 from engine.registry import Registry
 
+RESNET = "feature_extractors.resnet:resnet_extractor"
+
 EXTRACTORS = Registry(
     "extractor",
     {
@@ -14,13 +16,14 @@ EXTRACTORS = Registry(
         # The paper's default: DINOv2 ViT-B/14 with 4 registers + AMES detector.
         "dinov2_vitb14_reg": "feature_extractors.dinov2:dinov2_vitb14_reg",
         # CVNet ResNet-50/101 backbones + AMES CVNet detector; CVNet or SuperGlobal globals.
-        "cvnet_r50": "feature_extractors.resnet:cvnet_r50",
-        "cvnet_r101": "feature_extractors.resnet:cvnet_r101",
-        "superglobal_r50": "feature_extractors.resnet:superglobal_r50",
-        "superglobal_r101": "feature_extractors.resnet:superglobal_r101",
+        **{
+            f"{kind}_r{depth}": (RESNET, {"depth": depth, "global_kind": kind})
+            for kind in ("cvnet", "superglobal")
+            for depth in (50, 101)
+        },
         # DELG local branch (attention + autoencoder) for users who bring converted weights.
-        "delg_r50": "feature_extractors.delg:delg_r50",
-        "delg_r101": "feature_extractors.delg:delg_r101",
+        "delg_r50": ("feature_extractors.delg:delg", {"depth": 50}),
+        "delg_r101": ("feature_extractors.delg:delg", {"depth": 101}),
     },
 )
 

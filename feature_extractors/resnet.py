@@ -351,147 +351,49 @@ class ResNetExtractor(Extractor):
         ]
 
 
-def _build(
-    depth: int,
-    global_kind: str,
-    weights: str | None,
-    detector: str | None,
-    device: str,
-    cache_dir: str | None,
-    **options,
-) -> ResNetExtractor:
-    name = f"{'cvnet' if global_kind == 'cvnet' else 'superglobal'}_r{depth}"
-    if weights is None:
-        raise UserError(
-            f"{name} needs weights: the CVNet checkpoint CVPR2022_CVNet_R{depth}.pyth "
-            "(CVNet release) as a path or URL, or 'random'"
-        )
-    backbone = ResNet(depth) if weights == RANDOM else load_backbone(weights, depth, cache_dir)
-    det = build_detector(detector, 1024, cache_dir)
-    return ResNetExtractor(backbone, det, global_kind, **options).to(device)
-
-
-def cvnet_r50(
+def resnet_extractor(
+    depth: int = 50,
+    global_kind: str = "cvnet",
     weights: str | None = None,
     detector: str | None = None,
     num_local: int = 700,
     scales: Sequence[float] = CVNET_SCALES,
     max_size: int | None = None,
+    relup: bool = True,
+    antialias: bool = False,
     dtype: str = "fp32",
     device: str = "cpu",
     cache_dir: str | None = None,
 ) -> ResNetExtractor:
-    """CVNet ResNet-50: GeM+FC global (2048-D) + AMES CVNet-detector locals (1024-D).
+    """CVNet ResNet-50/101 + AMES CVNet-detector locals (1024-D); CVNet or SuperGlobal global.
+
+    Registered as ``cvnet_r50``, ``cvnet_r101``, ``superglobal_r50``, ``superglobal_r101`` (the
+    name fixes ``depth`` and ``global_kind``).
 
     Args:
-        weights: ``CVPR2022_CVNet_R50.pyth`` (path / URL / HF id) or "random".
+        depth: 50 or 101.
+        global_kind: "cvnet" (GeM+FC, 2048-D) or "superglobal" (SuperGlobal descriptor, 2048-D).
+        weights: ``CVPR2022_CVNet_R{depth}.pyth`` (path / URL / HF id) or "random".
         detector: the AMES CVNet detector file, "random", or None (official fallback: raw s3
             features weighted by their norm).
         num_local: rows K per image (700 official).
         scales: image scales (0.7071, 1, 1.4142 official); scale id = index.
         max_size: shrink images whose long side exceeds it first (None = native, official).
+        relup: SuperGlobal's ``SupG.relup`` flag (0.014 floor on s1-s3 block outputs).
+        antialias: antialiased bilinear for SuperGlobal's in-model rescaling (the torchvision
+            version of the official run decides; False = torchvision < 0.17 on tensors).
         dtype: "fp32" (exact) or "bf16" / "fp16" autocast.
         device: torch device.
         cache_dir: download cache.
     """
-    return _build(
-        50,
-        "cvnet",
-        weights,
-        detector,
-        device,
-        cache_dir,
-        num_local=num_local,
-        scales=scales,
-        max_size=max_size,
-        dtype=dtype,
+    if weights is None:
+        raise UserError(
+            f"{global_kind}_r{depth} needs weights: the CVNet checkpoint "
+            f"CVPR2022_CVNet_R{depth}.pyth (CVNet release) as a path or URL, or 'random'"
+        )
+    backbone = ResNet(depth) if weights == RANDOM else load_backbone(weights, depth, cache_dir)
+    det = build_detector(detector, 1024, cache_dir)
+    extractor = ResNetExtractor(
+        backbone, det, global_kind, num_local, scales, max_size, relup, antialias, dtype
     )
-
-
-def cvnet_r101(
-    weights: str | None = None,
-    detector: str | None = None,
-    num_local: int = 700,
-    scales: Sequence[float] = CVNET_SCALES,
-    max_size: int | None = None,
-    dtype: str = "fp32",
-    device: str = "cpu",
-    cache_dir: str | None = None,
-) -> ResNetExtractor:
-    """CVNet ResNet-101 (AMES' CVNet backbone); options as :func:`cvnet_r50`."""
-    return _build(
-        101,
-        "cvnet",
-        weights,
-        detector,
-        device,
-        cache_dir,
-        num_local=num_local,
-        scales=scales,
-        max_size=max_size,
-        dtype=dtype,
-    )
-
-
-def superglobal_r50(
-    weights: str | None = None,
-    detector: str | None = None,
-    num_local: int = 700,
-    scales: Sequence[float] = CVNET_SCALES,
-    max_size: int | None = None,
-    relup: bool = True,
-    antialias: bool = False,
-    dtype: str = "fp32",
-    device: str = "cpu",
-    cache_dir: str | None = None,
-) -> ResNetExtractor:
-    """SuperGlobal descriptor on CVNet ResNet-50 weights + AMES CVNet-detector locals.
-
-    Options as :func:`cvnet_r50`, plus:
-        relup: SuperGlobal's ``SupG.relup`` flag (0.014 floor on s1-s3 block outputs).
-        antialias: antialiased bilinear for the in-model rescaling (the torchvision version
-            of the official run decides; False = torchvision < 0.17 on tensors).
-    """
-    return _build(
-        50,
-        "superglobal",
-        weights,
-        detector,
-        device,
-        cache_dir,
-        num_local=num_local,
-        scales=scales,
-        max_size=max_size,
-        relup=relup,
-        antialias=antialias,
-        dtype=dtype,
-    )
-
-
-def superglobal_r101(
-    weights: str | None = None,
-    detector: str | None = None,
-    num_local: int = 700,
-    scales: Sequence[float] = CVNET_SCALES,
-    max_size: int | None = None,
-    relup: bool = True,
-    antialias: bool = False,
-    dtype: str = "fp32",
-    device: str = "cpu",
-    cache_dir: str | None = None,
-) -> ResNetExtractor:
-    """SuperGlobal descriptor on CVNet ResNet-101 weights; options as :func:`superglobal_r50`."""
-    return _build(
-        101,
-        "superglobal",
-        weights,
-        detector,
-        device,
-        cache_dir,
-        num_local=num_local,
-        scales=scales,
-        max_size=max_size,
-        relup=relup,
-        antialias=antialias,
-        dtype=dtype,
-    )
+    return extractor.to(device)

@@ -19,7 +19,8 @@ from extract_helpers import (
 from safetensors.torch import save_file
 
 from engine.errors import UserError
-from feature_extractors.delg import Delg, delg_r50
+from feature_extractors import create
+from feature_extractors.delg import Delg
 
 _one_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread)
 
@@ -69,9 +70,9 @@ def test_missing_key_is_reported(tmp_path):
     del state["autoencoder.expand.bias"]
     torch.save({"model_state": state}, tmp_path / "delg.pt")
     with pytest.raises(UserError, match=r"missing 1 keys \['autoencoder.expand.bias'\]"):
-        delg_r50(weights=str(tmp_path / "delg.pt"))
+        create("delg_r50", weights=str(tmp_path / "delg.pt"))
     with pytest.raises(UserError, match="cards/DELG.md"):
-        delg_r50()
+        create("delg_r50")
 
 
 @pytest.mark.parametrize("threshold", [None, "median"])
@@ -111,7 +112,8 @@ def test_extraction_matches_the_spec(weights, threshold):
     if cut is not None:
         keep = weight >= cut
         desc, weight, pos, scale = desc[keep], weight[keep], pos[keep], scale[keep]
-    extractor = delg_r50(
+    extractor = create(
+        "delg_r50",
         weights=str(weights),
         num_local=12,
         score_threshold=cut,

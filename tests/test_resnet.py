@@ -25,17 +25,15 @@ from extract_helpers import (
 )
 
 from engine.errors import UserError
+from feature_extractors import create
 from feature_extractors.resnet import (
     CVNET_SCALES,
     ResNet,
     backbone_state,
-    cvnet_r50,
     gem,
     gem_plus,
     regional_gem,
     scale_gem,
-    superglobal_r50,
-    superglobal_r101,
 )
 from feature_extractors.weights import load_strict
 
@@ -62,7 +60,7 @@ def test_parameter_layout_is_cvnets():
 
 def test_cvnet_checkpoint_loads_strictly(checkpoint):
     path, _ = checkpoint
-    extractor = cvnet_r50(weights=str(path), detector="random")
+    extractor = create("cvnet_r50", weights=str(path), detector="random")
     own = extractor.backbone.state_dict()
     for key, value in random_state().items():
         torch.testing.assert_close(own[key], value, rtol=0, atol=0)
@@ -83,7 +81,14 @@ def test_missing_unexpected_and_wrong_depth_keys_are_reported():
 
 def test_factories_need_weights():
     with pytest.raises(UserError, match="CVPR2022_CVNet_R101.pyth"):
-        superglobal_r101()
+        create("superglobal_r101")
+    with pytest.raises(
+        UserError, match="option 'depth' is fixed by the extractor name 'cvnet_r50'"
+    ):
+        create("cvnet_r50", depth=101, weights="random")
+    with pytest.raises(UserError, match=r"unknown option 'topk'.*'relup'") as err:
+        create("cvnet_r50", topk=5)
+    assert "'depth'" not in str(err.value)  # fixed options are not offered
 
 
 def test_pooling_functions_match_direct_formulas():
@@ -125,7 +130,7 @@ def test_cvnet_extraction_matches_the_spec(checkpoint):
     """Locals: s3 before ReLU at 3 cv2 scales -> detector -> top-K over scales, positions
     16 (r, c) / scale, scale ids 0/1/2. Global: mean of L2(fc(GeM_p(s4))) over scales, L2."""
     path, detector = checkpoint
-    extractor = cvnet_r50(weights=str(path), detector=str(detector), num_local=30)
+    extractor = create("cvnet_r50", weights=str(path), detector=str(detector), num_local=30)
     image = np.random.default_rng(1).integers(0, 256, (70, 90, 3), dtype=np.uint8)
     feats = extractor.extract(image)
     state, det = random_state(), detector_state(1024, seed=5)
@@ -153,7 +158,7 @@ def test_cvnet_extraction_matches_the_spec(checkpoint):
 def test_superglobal_descriptor_matches_the_spec(checkpoint):
     """relup clamps, rGeM mix, GeM+ p 4.6, L2 before fc, max over L2 scales, L2 (spec §1.3-1.4)."""
     path, _ = checkpoint
-    extractor = superglobal_r50(weights=str(path), detector="random")
+    extractor = create("superglobal_r50", weights=str(path), detector="random")
     image = np.random.default_rng(2).integers(0, 256, (96, 120, 3), dtype=np.uint8)
     feats = extractor.extract(image)
     state = random_state()
@@ -178,7 +183,7 @@ def test_superglobal_descriptor_matches_the_spec(checkpoint):
 
 def test_superglobal_rejects_images_too_small_for_its_padding(checkpoint):
     path, _ = checkpoint
-    extractor = superglobal_r50(weights="random", detector="random")
+    extractor = create("superglobal_r50", weights="random", detector="random")
     with pytest.raises(UserError, match="below the 65 px"):
         extractor.preprocess(np.zeros((80, 200, 3), np.uint8))  # 80 * 0.7071 = 56.6 px
 
