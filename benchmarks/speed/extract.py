@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import json
 import logging
 import platform
 import tempfile
@@ -31,6 +32,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
+
+from engine.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +55,7 @@ def build(model: str, dtype: str, imsize: int | None, device: str, weights: str,
     wanted = {"weights": weights, "detector": detector, "dtype": dtype, "imsize": imsize}
     options = {k: v for k, v in wanted.items() if k in params and v is not None}
     if dtype != "fp32" and "dtype" not in params:
-        raise SystemExit(f"{model} has no dtype option; use --dtype fp32")
+        raise UserError(f"extractor {model} has no dtype option; use --dtype fp32")
     return EXTRACTORS.create(model, **options).to(device)
 
 
@@ -140,6 +143,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--drift", action="store_true", help="also compare --dtype with fp32 on --batch photos"
     )
+    parser.add_argument("--json", type=Path, default=None, help="also write the result here")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -155,18 +159,30 @@ def run(args: argparse.Namespace) -> int:
     else:
         images, seconds = time_jpeg(extractor, args.batch, args.count, args.warmup, args.workers)
     where = f"{device_name(device)}, {torch.get_num_threads()} threads"
+    result = {
+        "model": args.model,
+        "source": args.source,
+        "dtype": args.dtype,
+        "batch": args.batch,
+        "device": f"{device} ({where})",
+        "images": images,
+        "seconds": seconds,
+        "images_per_s": images / seconds,
+    }
     print("| model | source | dtype | batch | device | images | seconds | images/s |")
     print("|---|---|---|---|---|---|---|---|")
     print(
-        f"| {args.model} | {args.source} | {args.dtype} | {args.batch} | {device} ({where}) "
+        f"| {args.model} | {args.source} | {args.dtype} | {args.batch} | {result['device']} "
         f"| {images} | {seconds:.2f} | {images / seconds:.3f} |"
     )
     if args.drift:
-        stats = drift(extractor, args.batch)
+        result["drift"] = drift(extractor, args.batch)
         print(
             f"{args.dtype} vs fp32 ({args.weights} weights): "
-            + ", ".join(f"{k} {v:.5f}" for k, v in stats.items())
+            + ", ".join(f"{k} {v:.5f}" for k, v in result["drift"].items())
         )
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
     return 0
 
 
