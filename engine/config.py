@@ -120,12 +120,30 @@ def parse_overrides(pairs: Sequence[str]) -> dict:
     return tree
 
 
-def merge(base: Mapping, override: Mapping) -> dict:
-    """Recursive dict merge; values of ``override`` win, nested mappings are merged."""
+def merge(base: Mapping, override: Mapping, where: str = "") -> dict:
+    """Recursive dict merge; values of ``override`` win, nested mappings are merged.
+
+    A mapping with integer keys merges into a list element by element, so that
+    ``--set search.rerank.0.options.checkpoint=x`` changes one stage of a list of stages.
+    """
     out = dict(base)
     for key, value in override.items():
+        here = f"{where}{key}"
         if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = merge(out[key], value)
+            out[key] = merge(out[key], value, f"{here}.")
+        elif isinstance(value, Mapping) and isinstance(out.get(key), list):
+            items = list(out[key])
+            for index, item in value.items():
+                if not str(index).isdigit() or int(index) >= len(items):
+                    valid = f"an index from 0 to {len(items) - 1}" if items else "none"
+                    raise UserError(
+                        f"config key {here}.{index}: {here} holds {len(items)} items ({valid} "
+                        f"to change); set the whole list instead, e.g. {here}=[...]"
+                    )
+                i = int(index)
+                both = isinstance(item, Mapping) and isinstance(items[i], Mapping)
+                items[i] = merge(items[i], item, f"{here}.{i}.") if both else item
+            out[key] = items
         else:
             out[key] = value
     return out

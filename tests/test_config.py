@@ -29,6 +29,9 @@ def test_overrides_nested_lists_and_types():
     assert config.search.topk == 50
     assert config.extractor.options == {"num_local": 49, "imsize": 512}
     assert config.search.rerank == (cfg.StageConfig("superglobal", {}),)
+    demo = cfg.load(cfg.PipelineConfig, "demo", ["search.rerank.0.options.checkpoint=runs/mine"])
+    (stage,) = demo.search.rerank
+    assert stage.options["checkpoint"] == "runs/mine" and stage.options["window"] == 32
 
 
 @pytest.mark.parametrize(
@@ -43,6 +46,7 @@ def test_overrides_nested_lists_and_types():
         (["search.topk=true"], "config key search.topk must be int"),
         (["search.rerank=[{options: {}}]"], "needs key 'name'"),
         (["novalue"], "must look like key.sub=value"),
+        (["search.rerank.0.name=x"], "search.rerank holds 0 items (none to change); set the whole"),
     ],
 )
 def test_bad_keys_name_the_key_and_the_fix(overrides, message):

@@ -8,7 +8,13 @@ from train_helpers import K, N, write_features
 
 from engine.errors import UserError
 from indexing.shortlist import Shortlist
-from rerank.train.data import DataConfig, ListDataset, nearest_neighbours, read_labels
+from rerank.train.data import (
+    DataConfig,
+    ListDataset,
+    nearest_neighbours,
+    read_labels,
+    read_pairs,
+)
 
 
 @pytest.fixture(scope="module")
@@ -17,8 +23,8 @@ def features(tmp_path_factory):
 
 
 def _data(features, **kw):
-    kw = {"list_length": 6, "num_local": K, **kw}
-    return DataConfig(features=str(features), labels=str(features / "labels.txt"), **kw)
+    kw = {"list_length": 6, "num_local": K, "labels": str(features / "labels.txt"), **kw}
+    return DataConfig(features=str(features), **kw)
 
 
 def test_lists_are_the_nearest_neighbours_without_the_query(features):
@@ -29,7 +35,7 @@ def test_lists_are_the_nearest_neighbours_without_the_query(features):
         sims = plain.globals[ids] @ plain.globals[i]
         others = np.delete(plain.globals @ plain.globals[i], i)
         assert (np.diff(sims) <= 1e-6).all() and sims[-1] >= np.sort(others)[-6] - 1e-6
-        np.testing.assert_array_equal(labels, plain.labels[ids] == plain.labels[i])
+        np.testing.assert_array_equal(labels, plain.positives(i)[ids])
 
 
 def test_gallery_shuffling_differs_per_draw_and_is_reproducible(features):
@@ -40,7 +46,7 @@ def test_gallery_shuffling_differs_per_draw_and_is_reproducible(features):
     assert sorted(a[0]) == sorted(ids) == sorted(b[0])
     assert any((shuffled.list_ids(0, d)[0] != a[0]).any() for d in range(1, 5))
     np.testing.assert_array_equal(shuffled.list_ids(0, draw=0)[0], a[0])
-    np.testing.assert_array_equal(a[1], plain.labels[a[0]] == plain.labels[0])
+    np.testing.assert_array_equal(a[1], plain.positives(0)[a[0]])
 
 
 def test_positive_cap_and_injection(features):
@@ -74,6 +80,37 @@ def test_batch_shapes_and_labels(features):
     assert without.query_global is None and without.gallery_global is None
 
 
+def test_pairs_equal_to_the_classes_give_the_same_lists(features, tmp_path):
+    """Every same-class pair as a pairs file (stems, both orders, a self pair) = the classes."""
+    by_class = ListDataset(_data(features), seed=3)
+    lines = [
+        f"img{i},img{j}.jpg"
+        for i in range(N)
+        for j in range(i, N)
+        if by_class.labels[i] == by_class.labels[j]
+    ]
+    (tmp_path / "pairs.txt").write_text("\n".join(lines) + "\n")
+    config = _data(features, labels="", pairs=str(tmp_path / "pairs.txt"))
+    by_pairs = ListDataset(config, seed=3)
+    for i in range(N):
+        for draw in (0, 5):
+            a, b = by_class.list_ids(i, draw), by_pairs.list_ids(i, draw)
+            np.testing.assert_array_equal(a[0], b[0])
+            np.testing.assert_array_equal(a[1], b[1])
+
+
+def test_pairs_are_symmetric_and_not_transitive(tmp_path):
+    (tmp_path / "p.txt").write_text("a,b\nb,c\n\n")
+    partners = read_pairs(tmp_path / "p.txt", ["a.jpg", "b.jpg", "c.jpg", "d.jpg"])
+    assert [p.tolist() for p in partners] == [[1], [0, 2], [1], []]
+    (tmp_path / "p.txt").write_text("a,zz\n")
+    with pytest.raises(UserError, match=r"p.txt:1 names 'zz', which is not in the store"):
+        read_pairs(tmp_path / "p.txt", ["a.jpg"])
+    (tmp_path / "p.txt").write_text("a;b\n")
+    with pytest.raises(UserError, match=r"p.txt:1 is not two comma-separated fields"):
+        read_pairs(tmp_path / "p.txt", ["a.jpg"])
+
+
 def test_bad_inputs_are_user_errors(features, tmp_path):
     with pytest.raises(UserError, match="lower data.list_length"):
         ListDataset(_data(features, list_length=20))
@@ -86,3 +123,5 @@ def test_bad_inputs_are_user_errors(features, tmp_path):
         DataConfig(source="web")
     with pytest.raises(UserError, match="set data.features"):
         ListDataset(DataConfig())
+    with pytest.raises(UserError, match="set exactly one of data.labels"):
+        ListDataset(_data(features, pairs=str(tmp_path / "labels.txt")))

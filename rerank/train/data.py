@@ -36,6 +36,7 @@ class DataConfig:
 
     features: str = ""  # extraction folder: local.h5 + global.f32 (`locore extract`)
     labels: str = ""  # text file, one "name,class" line per image (name with or without suffix)
+    pairs: str = ""  # or: text file of "name_a,name_b" positive pairs (symmetric), no classes
     shortlist: str = ""  # nearest global neighbours per image (ours or nn_*.pkl); "" = compute
     candidates: int = 1600  # neighbours scanned per image when computing them (official nn depth)
     list_length: int = 100  # gallery images per list (official topk)
@@ -59,19 +60,26 @@ class DataConfig:
             )
 
 
-def read_labels(path: Path, names: list[str]) -> np.ndarray:
-    """Class of each stored image ``names`` from a ``name,class`` file (int64 ``[N]``)."""
+def _name_lines(path: Path, what: str) -> list[tuple[int, str, str]]:
+    """``(line number, left, right)`` of a two-column ``a,b`` text file (right split on the last
+    comma, so names may hold commas)."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"labels file {path} does not exist; write one 'name,class' line per image")
-    table: dict[str, str] = {}
+        raise UserError(f"{what} file {path} does not exist; write one line per {what[:-1]}")
+    rows = []
     for number, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
             continue
-        name, sep, cls = line.strip().rpartition(",")
-        if not sep or not name:
-            raise UserError(f"{path}:{number} is not 'name,class': {line.strip()!r}")
-        table[name] = cls.strip()
+        left, sep, right = line.strip().rpartition(",")
+        if not sep or not left or not right.strip():
+            raise UserError(f"{path}:{number} is not two comma-separated fields: {line.strip()!r}")
+        rows.append((number, left.strip(), right.strip()))
+    return rows
+
+
+def read_labels(path: Path, names: list[str]) -> np.ndarray:
+    """Class of each stored image ``names`` from a ``name,class`` file (int64 ``[N]``)."""
+    table = {name: cls for _, name, cls in _name_lines(path, "labels")}
     classes: dict[str, int] = {}
     out = np.empty(len(names), np.int64)
     for i, name in enumerate(names):
@@ -80,6 +88,26 @@ def read_labels(path: Path, names: list[str]) -> np.ndarray:
             raise UserError(f"{path} has no label for image {name!r}; add a '{name},class' line")
         out[i] = classes.setdefault(cls, len(classes))
     return out
+
+
+def read_pairs(path: Path, names: list[str]) -> list[np.ndarray]:
+    """Positive partners of each stored image from ``name_a,name_b`` lines (symmetric).
+
+    For collections without classes (e.g. verified matches). Images in no pair have no
+    positives; their lists are all negatives, as for a class of one.
+    """
+    ids = {name: i for i, name in enumerate(names)} | {
+        Path(name).stem: i for i, name in enumerate(names)
+    }
+    partners: list[set[int]] = [set() for _ in names]
+    for number, a, b in _name_lines(path, "pairs"):
+        for name in (a, b):
+            if name not in ids:
+                raise UserError(f"{path}:{number} names {name!r}, which is not in the store")
+        if ids[a] != ids[b]:
+            partners[ids[a]].add(ids[b])
+            partners[ids[b]].add(ids[a])
+    return [np.array(sorted(p), dtype=np.int64) for p in partners]
 
 
 def nearest_neighbours(globals_: np.ndarray, depth: int, chunk: int = 4096) -> np.ndarray:
@@ -104,13 +132,21 @@ class ListDataset:
     def __init__(self, config: DataConfig, seed: int = 0):
         if not config.features:
             raise UserError("set data.features to an extraction folder (local.h5 + global.f32)")
+        if bool(config.labels) == bool(config.pairs):
+            raise UserError(
+                "set exactly one of data.labels ('name,class' lines) and data.pairs "
+                "('name_a,name_b' lines of positive pairs)"
+            )
         self.config, self.seed = config, seed
         folder = Path(config.features)
         self.store = LocalStore(folder / LOCAL_FILE)
         if self.store.names is None:
             raise UserError(f"{folder / LOCAL_FILE} stores no image names; re-extract it")
         count = len(self.store)
-        self.labels = read_labels(Path(config.labels), self.store.names)
+        if config.labels:
+            self.labels = read_labels(Path(config.labels), self.store.names)
+        else:
+            self.partners = read_pairs(Path(config.pairs), self.store.names)
         if count <= config.list_length:
             raise UserError(
                 f"{count} training images cannot fill lists of {config.list_length}; "
@@ -139,13 +175,22 @@ class ListDataset:
         self.neighbours = ids
 
     def __len__(self) -> int:
-        return len(self.labels)
+        return len(self.store)
+
+    def positives(self, i: int) -> np.ndarray:
+        """``[N]`` bool: which images are positives of image ``i`` (itself included)."""
+        if self.config.labels:
+            return self.labels == self.labels[i]
+        same = np.zeros(len(self.store), bool)
+        same[self.partners[i]] = True
+        same[i] = True
+        return same
 
     def list_ids(self, i: int, draw: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """Gallery ids ``[G]`` and 0/1 labels ``[G]`` of query ``i`` at stream position ``draw``."""
         c = self.config
         rng = np.random.default_rng([self.seed, draw])
-        same = self.labels == self.labels[i]
+        same = self.positives(i)
         kept: list[int] = []
         positives = 0
         for j in self.neighbours[i]:
