@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 
+from benchmarks.speed.index import write_store
 from engine.cli import main
 
 
 def test_bench_index_writes_latency_recall_gather_and_capacity(tmp_path, capsys):
     out = tmp_path / "index.json"
+    write_store(tmp_path / "s.h5", 10, 8, 16, seed=1)  # a leftover of another size: rewritten
     args = "--n 3000 --dim 32 --kinds flat ivfpq --queries 1 4 --repeats 1 --store-images 60"
     args += " --store-k 8 --store-dim 16 --gather 10 --num-local 4 --trials 1"
     args += f" --store {tmp_path / 's.h5'} --out {out}"

@@ -213,6 +213,18 @@ def measure_gather(
     return result
 
 
+def store_matches(path: Path, args: argparse.Namespace) -> bool:
+    """Whether ``path`` is a finished store of the requested images, rows and width (reusable)."""
+    from indexing.local_store import LocalStore
+
+    try:
+        with LocalStore(path) as store:
+            shape = (len(store), store.num_local, store.dim)
+    except Exception:  # any unreadable leftover is rewritten
+        return False
+    return shape == (args.store_images, args.store_k, args.store_dim)
+
+
 def capacity_table(dim: int, bytes_overhead: float | None) -> list[str]:
     """Markdown rows: bytes per image and disk need for ROxf/RPar+1M."""
     lines = ["| stored L | dtype | bytes per image | ROxf+1M | RPar+1M |", "|---|---|---|---|---|"]
@@ -274,6 +286,9 @@ def run(args: argparse.Namespace) -> int:
     if not args.skip_store:
         path = args.store
         try:
+            if path.exists() and not store_matches(path, args):
+                print(f"{path} is not a complete store of this shape (interrupted?): rewriting")
+                path.unlink()
             if not path.exists():
                 write_s = write_store(
                     path, args.store_images, args.store_k, args.store_dim, args.seed
