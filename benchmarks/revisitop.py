@@ -8,6 +8,7 @@ Stages, each cached in ``--out`` and reused on a rerun when its artifact is comp
     index/       the flat global index over the database globals
     shortlist_*  first-stage ranking, ``depth`` columns per query (.npy pair)
     rerank/      one ``.npz`` per chain and Hard setup: every stage's ids and scores
+    fusion_logits_hard.npz   with ``--save-logits``: the input of ``locore bench fusion-grid``
     report files results.csv, metrics.json, per_query.jsonl, table.txt, ap_scatter.png, grids/
 
 Hard vs Hard* (reference-spec §6.4, supplementary Table B): every chain runs twice. With the
@@ -90,6 +91,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--window", type=int, default=100, help="images per LoCoRe window")
     p.add_argument("--alpha", type=float, default=0.5, help="fusion weight of the global term")
     p.add_argument("--temp", type=float, default=0.1, help="fusion temperature")
+    p.add_argument(
+        "--fusion-from",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="take alpha and temp from a best.json of `locore bench fusion-grid` (overrides "
+        "--alpha/--temp)",
+    )
+    p.add_argument(
+        "--save-logits",
+        action="store_true",
+        help="also cache one LoCoRe window's raw logits per query (fusion_logits_hard.npz), the "
+        "input of `locore bench fusion-grid`",
+    )
     p.add_argument("--num-local", type=int, default=48, help="local descriptors per image")
     p.add_argument("--device", default="auto", help="re-ranking device (auto, cpu, cuda)")
     p.add_argument(
@@ -149,6 +164,7 @@ class Settings:
     from_official: Path | None = None
     desc_name: str = "dinov2"
     grids: int = 3
+    save_logits: bool = False
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Settings:
@@ -156,14 +172,20 @@ class Settings:
         if args.superglobal and "superglobal" not in chain:
             chain.insert(0, "superglobal")
         sliding = None if args.sliding in ("none", "") else args.sliding
+        alpha, temp = args.alpha, args.temp
+        if args.fusion_from is not None:
+            from benchmarks.fusion_grid import read_best
+
+            alpha, temp = read_best(args.fusion_from)
+            logger.info("fusion alpha=%g temp=%g from %s", alpha, temp, args.fusion_from)
         locore = {
             "checkpoint": args.checkpoint,
             "sliding": sliding,
             "topk": args.topk,
             "stride": args.stride,
             "window": args.window,
-            "alpha": args.alpha,
-            "temp": args.temp,
+            "alpha": alpha,
+            "temp": temp,
             "num_local": args.num_local,
         }
         if args.data_root is None and args.from_official is None:
@@ -183,6 +205,7 @@ class Settings:
             from_official=args.from_official,
             desc_name=args.desc_name,
             grids=args.grids,
+            save_logits=args.save_logits,
         )
 
     @property
@@ -600,6 +623,10 @@ def run_benchmark(settings: Settings, config: cfg.PipelineConfig) -> Report:
     )
     try:
         runs = rerank_runs(settings, data)
+        if settings.save_logits:
+            from benchmarks.fusion_grid import cache_logits
+
+            cache_logits(settings, data, runs)
     finally:
         if data.database.store is not None:
             data.database.store.close()

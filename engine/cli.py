@@ -34,6 +34,7 @@ BENCH_TARGETS: dict[str, tuple[str, str]] = {
     "rerank": ("benchmarks.speed.rerank", "LoCoRe latency per 100-image list, both backends"),
     "listwise": ("benchmarks.synthetic_listwise", "synthetic proof of list-wise context"),
     "superglobal": ("benchmarks.superglobal_latency", "SuperGlobal re-ranking latency per query"),
+    "fusion-grid": ("benchmarks.fusion_grid", "choose LoCoRe's fusion alpha/tau on cached logits"),
 }
 
 

@@ -190,15 +190,12 @@ class LocoreReranker(Reranker):
         opts = self.options
         logger.debug("locore: %s", opts)
         before = np.asarray(shortlist.ids, dtype=np.int64)
-        ids, sims = partition_junk(before, np.asarray(shortlist.sims), queries.junk)
-        # The re-ranked part ends at the first junk or padding (-1) entry.
-        blocked = junk_mask(ids, queries.junk) | (ids < 0)
-        first_blocked = np.where(blocked.any(1), blocked.argmax(1), ids.shape[1])
+        ids, sims, lengths = rerankable(shortlist, queries.junk, opts.topk)
         new_ids, scores = sliding_rerank(
             ids,
             sims,
             LocoreScorer(self.model, queries, database, opts),
-            lengths=np.minimum(first_blocked, opts.topk),
+            lengths=lengths,
             strategy=opts.sliding,
             window=opts.window,
             stride=opts.stride,
@@ -207,6 +204,23 @@ class LocoreReranker(Reranker):
             batch_size=opts.batch_size,
         )
         return RerankResult(ids=new_ids, scores=scores.astype(np.float32), before=before)
+
+
+def rerankable(
+    shortlist: Shortlist, junk: list[set[int]] | None, topk: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Junk moved behind the rest, and how many leading entries of each row may be re-ranked:
+    at most ``topk``, ending at the first junk or padding (-1) entry.
+
+    Returns:
+        ``(ids [Q, M], sims [Q, M], lengths [Q])``.
+    """
+    ids, sims = partition_junk(
+        np.asarray(shortlist.ids, dtype=np.int64), np.asarray(shortlist.sims), junk
+    )
+    blocked = junk_mask(ids, junk) | (ids < 0)
+    first_blocked = np.where(blocked.any(1), blocked.argmax(1), ids.shape[1])
+    return ids, sims, np.minimum(first_blocked, topk)
 
 
 def locore(

@@ -1,0 +1,558 @@
+"""``locore bench fusion-grid``: pick LoCoRe's fusion weight α and temperature τ on cached logits.
+
+The official procedure (reference-spec §6.5, P21): LoCoRe scores the first window (100 images) of
+every query's incoming ranking once and keeps the raw class-1 logits ``l``; then, for each (α, τ)
+of a grid, ``s = α·g + (1 − α)·sigmoid(τ·l)`` re-sorts the window and the ranking is evaluated.
+The best pair maximises the public-split mAP@100 of gldv2-test ((mAP_M + mAP_H)/2 on a Revisited
+dataset) and is then used on ROxf/RPar: ``locore bench revisitop ... --fusion-from best.json``.
+
+Why one window: with sliding windows (§6.6) each window after the first scores the ranking that
+the previous windows' fusion produced, so its logits depend on (α, τ) and no cache can replay
+them; the official code accordingly takes α, τ from the command line in sliding mode. A grid cell
+is therefore exactly what the LoCoRe stage returns with ``sliding=None`` (one window at the top):
+the same junk partition, the same scorer calls, :func:`rerank.fusion.fuse` and the stable
+:func:`rerank.fusion.rank_desc` (ties keep the incoming order).
+
+The cache, ``<run>/fusion_logits_<setup>.npz``, is written by ``locore bench revisitop
+--save-logits`` (:func:`cache_logits`); any other benchmark can write one with
+:meth:`FusionCache.save`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from benchmarks.metrics import GLDV2_PUBLIC, evaluate_revisited, gldv2_map_at_100
+from engine.errors import UserError
+from engine.evaluate import to_imlist_ranks
+from rerank.fusion import fuse, rank_desc
+
+if TYPE_CHECKING:
+    from benchmarks.revisitop import Collection, Settings
+    from indexing.shortlist import Shortlist
+    from rerank.base import Database, Queries
+    from rerank.locore.reranker import LocoreReranker
+
+logger = logging.getLogger(__name__)
+
+# The official grid, α and τ both ``np.linspace(0, 1, 11)`` (reference-spec §6.5 step 3). τ = 0
+# and α = 1 reproduce the incoming ranking, so the grid holds its own baseline.
+OFFICIAL_GRID = tuple(round(0.1 * i, 1) for i in range(11))
+METRICS = {"revisited": ("medium", "hard", "mean_mh"), "gldv2": ("public", "private", "combined")}
+LABELS = {  # how each maximised metric is named on the printout and the heatmap
+    "mean_mh": "(mAP_M + mAP_H)/2",
+    "public": "public mAP@100",
+    "private": "private mAP@100",
+    "combined": "combined mAP@100",
+}
+METRICS_GND = {"revisited": ("easy", "hard", "junk"), "gldv2": ("ok",)}  # gnd fields each reads
+SPLITS = METRICS["gldv2"]
+CACHE_FILE = "fusion_logits_{setup}.npz"
+SETUP_FILES = {"hard": "hard", "hard*": "hardstar"}
+CORNER = "α \\ τ"  # top-left cell of the printed grid
+SAVE_HINT = "run `locore bench revisitop ... --save-logits` with a locore stage to write it"
+
+
+# ----------------------------------------------------------------------------------------------
+# The cache
+# ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class FusionCache:
+    """Everything a grid cell needs: the incoming ranking, its window's logits, the ground truth.
+
+    Attributes:
+        ids: ``[Q, M]`` int64 ground-truth ids in the order the LoCoRe stage receives them, junk
+            already moved to the end (reference-spec §6.4); -1 = none.
+        sims: ``[Q, M]`` float64 similarities of that order (the fusion's global term ``g``).
+        logits: ``[Q, W]`` float64 raw logits of the leading window; NaN past ``lengths[q]``.
+        lengths: ``[Q]`` int64, entries of each query's window (junk and padding never enter).
+        gnd: per query ``{"easy", "hard", "junk"}`` (Revisited) or ``{"ok"}`` (GLDv2) id lists.
+        metric: ``"revisited"`` or ``"gldv2"``.
+        num_db: size of the ground-truth id space (Revisited rankings cover the whole database).
+        shortlist_only: evaluate the ``M``-long ranking only (the official truncated number).
+        n_public: GLDv2 queries of the public split (the first ones).
+        info: provenance (dataset, chain, stage options, Hard setup), copied into ``best.json``.
+    """
+
+    ids: np.ndarray
+    sims: np.ndarray
+    logits: np.ndarray
+    lengths: np.ndarray
+    gnd: list[dict]
+    metric: str = "revisited"
+    num_db: int = 0
+    shortlist_only: bool = False
+    n_public: int = GLDV2_PUBLIC
+    info: dict = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.ids = np.asarray(self.ids, dtype=np.int64)
+        self.sims = np.asarray(self.sims, dtype=np.float64)
+        self.logits = np.asarray(self.logits, dtype=np.float64)
+        self.lengths = np.asarray(self.lengths, dtype=np.int64)
+        num_q, width = self.logits.shape if self.logits.ndim == 2 else (-1, -1)
+        if self.metric not in METRICS:
+            raise UserError(f"unknown fusion metric {self.metric!r}; use one of {list(METRICS)}")
+        if (
+            self.ids.ndim != 2
+            or self.ids.shape != self.sims.shape
+            or num_q != len(self.ids)
+            or width > self.ids.shape[1]
+            or self.lengths.shape != (num_q,)
+            or len(self.gnd) != num_q
+        ):
+            raise UserError(
+                f"fusion cache arrays disagree: ids {self.ids.shape}, sims {self.sims.shape}, "
+                f"logits {self.logits.shape}, lengths {self.lengths.shape}, {len(self.gnd)} gnd "
+                "entries; write it again"
+            )
+        if (self.lengths > width).any() or (self.lengths < 0).any():
+            raise UserError(f"fusion cache window lengths must lie in [0, {width}]; write it again")
+        if self.metric == "revisited" and self.ids.size and self.ids.max() >= self.num_db:
+            raise UserError(
+                f"fusion cache id {int(self.ids.max())} is outside its {self.num_db}-image "
+                "database (num_db); write it again"
+            )
+
+    def save(self, path: Path) -> Path:
+        """Write one ``.npz`` (arrays plus JSON for the rest), atomically."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "metric": self.metric,
+            "num_db": int(self.num_db),
+            "shortlist_only": bool(self.shortlist_only),
+            "n_public": int(self.n_public),
+            "info": self.info,
+        }
+        tmp = path.with_name(f".{path.stem}.tmp.npz")
+        np.savez(
+            tmp,
+            ids=self.ids,
+            sims=self.sims,
+            logits=self.logits,
+            lengths=self.lengths,
+            gnd=np.array(json.dumps(self.gnd)),
+            meta=np.array(json.dumps(meta, default=str)),
+        )
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: Path) -> FusionCache:
+        """Read a cache written by :meth:`save`; a file without logits is a one-line UserError."""
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"{path} not found; {SAVE_HINT}")
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+        except (OSError, ValueError) as err:
+            raise UserError(f"{path} is not a readable .npz ({err}); {SAVE_HINT}") from None
+        missing = [
+            k for k in ("ids", "sims", "logits", "lengths", "gnd", "meta") if k not in arrays
+        ]
+        if missing:
+            raise UserError(f"{path} has no {missing[0]!r} array (no LoCoRe logits); {SAVE_HINT}")
+        meta = json.loads(str(arrays["meta"]))
+        return cls(
+            ids=arrays["ids"],
+            sims=arrays["sims"],
+            logits=arrays["logits"],
+            lengths=arrays["lengths"],
+            gnd=json.loads(str(arrays["gnd"])),
+            **meta,
+        )
+
+
+def find_cache(cache: Path, setup: str = "hard") -> Path:
+    """The cache file of a run folder (or ``cache`` itself when it is a file)."""
+    cache = Path(cache)
+    if cache.is_file():
+        return cache
+    if not cache.is_dir():
+        raise UserError(f"--cache {cache} does not exist; pass a bench run folder or its .npz")
+    path = cache / CACHE_FILE.format(setup=SETUP_FILES[setup])
+    if not path.is_file():
+        raise UserError(f"{cache} holds no LoCoRe logits ({path.name} missing); {SAVE_HINT}")
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing the cache from a LoCoRe stage
+# ----------------------------------------------------------------------------------------------
+def window_logits(
+    stage: LocoreReranker, queries: Queries, incoming: Shortlist, database: Database
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Raw logits of the one window ``stage`` would re-rank with ``sliding=None``.
+
+    The junk partition, window lengths and scorer calls (batches included) are the stage's own,
+    so the grid cell ``(stage.alpha, stage.temp)`` equals the stage's single-window output.
+
+    Returns:
+        ``(ids [Q, M], sims [Q, M], logits [Q, W], lengths [Q])`` in database-row ids; see
+        :class:`FusionCache`.
+    """
+    from rerank.locore.reranker import LocoreScorer, rerankable
+    from rerank.sliding import sliding_rerank
+
+    if not hasattr(stage, "model") or not hasattr(stage, "options"):
+        raise UserError(f"re-ranking stage {stage.name!r} has no LoCoRe logits to cache")
+    # Official single-window mode (no max-sum rescaling, P7): the options of a sliding=None run.
+    opts = dataclasses.replace(stage.options, sliding=None)
+    ids, sims, lengths = rerankable(incoming, queries.junk, opts.topk)
+    scorer = LocoreScorer(stage.model, queries, database, opts)
+    width = min(opts.window, int(lengths.max(initial=0)))
+    logits = np.full((len(ids), width), np.nan)
+
+    def record(rows: np.ndarray, window_ids: np.ndarray) -> np.ndarray:
+        out = scorer(rows, window_ids)
+        logits[rows, : out.shape[1]] = out
+        return out
+
+    sliding_rerank(
+        ids,
+        sims,
+        record,
+        lengths=lengths,
+        strategy=None,
+        window=opts.window,
+        stride=opts.stride,
+        alpha=opts.alpha,
+        temp=opts.temp,
+        batch_size=opts.batch_size,
+    )
+    return ids, np.asarray(sims, np.float64), logits, np.minimum(lengths, width)
+
+
+def cache_logits(settings: Settings, data: Collection, runs: dict, setup: str = "hard") -> Path:
+    """``locore bench revisitop --save-logits``: cache the last LoCoRe stage's window logits.
+
+    Only the ``hard`` setup is written by default: it is the official normal run, whose Medium
+    and Hard the grid maximises (§6.5). The stage's input is the previous stage's cached output
+    (or the shortlist), exactly what the chain gave it.
+    """
+    import rerank
+    from benchmarks.revisitop import cached_stage
+    from indexing.shortlist import Shortlist
+
+    stages = settings.stages()
+    found = [i for i, (name, _) in enumerate(stages) if name.startswith("locore")]
+    if not found:
+        raise UserError(
+            "--save-logits needs a locore stage in --rerank (e.g. --rerank locore_base)"
+        )
+    last = found[-1]
+    path = settings.out / CACHE_FILE.format(setup=SETUP_FILES[setup])
+    shortlist_digest = hashlib.sha1(np.ascontiguousarray(data.shortlist.ids).tobytes())
+    params = {
+        "stages": stages,
+        "setup": setup,
+        "shortlist": shortlist_digest.hexdigest()[:10],
+        "eval_shortlist_only": settings.eval_shortlist_only,
+    }
+
+    def work() -> None:
+        name, options = stages[last]
+        stage = rerank.create(name, **options)
+        incoming = data.shortlist if last == 0 else Shortlist(*runs[setup][last - 1])
+        queries = dataclasses.replace(data.queries, junk=data.junk_sets(setup))
+        ids, sims, logits, lengths = window_logits(stage, queries, incoming, data.database)
+        eval_ids = np.where(ids >= 0, data.row_to_eval[np.maximum(ids, 0)], -1)
+        metric = "gldv2" if settings.dataset.startswith("gldv2") else "revisited"
+        fields = METRICS_GND[metric]
+        FusionCache(
+            ids=eval_ids,
+            sims=sims,
+            logits=logits,
+            lengths=lengths,
+            gnd=[{k: list(g.get(k, [])) for k in fields} for g in data.gnd["gnd"]],
+            metric=metric,
+            num_db=data.num_official,
+            shortlist_only=settings.eval_shortlist_only,
+            info={
+                "dataset": settings.name,
+                "setup": setup,
+                "chain": list(settings.chain),
+                "stage": name,
+                "options": options,
+            },
+        ).save(path)
+
+    cached_stage(settings.out, path.stem, params, work)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# The grid
+# ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class GridResult:
+    """Metrics (%) of every grid cell, ``values[name][i, j]`` for ``alphas[i]``, ``temps[j]``."""
+
+    alphas: tuple[float, ...]
+    temps: tuple[float, ...]
+    values: dict[str, np.ndarray]
+    objective: str
+
+    @property
+    def best(self) -> tuple[float, float]:
+        """The arg-max of the objective; ties go to the first cell in grid order (α, then τ,
+        ascending), as the official loop's ``max`` keeps the first maximum."""
+        grid = self.values[self.objective]
+        if np.isnan(grid).all():
+            raise UserError("every grid cell is NaN: the ground truth has no positives")
+        i, j = np.unravel_index(int(np.nanargmax(grid)), grid.shape)
+        return self.alphas[i], self.temps[j]
+
+    def at(self, alpha: float, temp: float) -> dict[str, float]:
+        """All metrics of one cell."""
+        i, j = self.alphas.index(alpha), self.temps.index(temp)
+        return {name: float(v[i, j]) for name, v in self.values.items()}
+
+    def rows(self) -> list[dict]:
+        """One dict per cell (the CSV rows), α-major."""
+        return [{"alpha": a, "temp": t, **self.at(a, t)} for a in self.alphas for t in self.temps]
+
+    def table(self) -> str:
+        """The objective as text: α down, τ across, the best cell starred."""
+        grid, best = self.values[self.objective], self.best
+        head = f"{CORNER:>7}" + "".join(f"{t:>8g}" for t in self.temps)
+        lines = [f"{LABELS[self.objective]} (%), best starred", head]
+        for i, a in enumerate(self.alphas):
+            cells = "".join(
+                f"{grid[i, j]:7.2f}{'*' if (a, t) == best else ' '}"
+                for j, t in enumerate(self.temps)
+            )
+            lines.append(f"{a:>7g}{cells}")
+        return "\n".join(lines)
+
+
+def objective_of(metric: str, split: str | None = None) -> str:
+    """The maximised metric: (mAP_M + mAP_H)/2 on Revisited, the chosen GLDv2 split's mAP@100."""
+    if metric == "gldv2":
+        split = split or "public"
+        if split not in SPLITS:
+            raise UserError(f"unknown GLDv2 split {split!r}; use one of {list(SPLITS)}")
+        return split
+    if split is not None:
+        raise UserError("--split is for GLDv2 only; Revisited grids maximise (mAP_M + mAP_H)/2")
+    return "mean_mh"
+
+
+def _base_ranks(cache: FusionCache) -> np.ndarray:
+    """``[n_ranked, Q]`` evaluation ranking of the incoming order; its first ``lengths[q]`` rows
+    are the window's ids in incoming order (they precede any -1, so no shift)."""
+    if cache.metric == "gldv2":
+        return np.ascontiguousarray(cache.ids.T)
+    full = to_imlist_ranks(cache.ids, np.arange(cache.num_db), cache.num_db)
+    return full[: cache.ids.shape[1]] if cache.shortlist_only else full
+
+
+def _evaluate(cache: FusionCache, ranks: np.ndarray) -> dict[str, float]:
+    if cache.metric == "gldv2":
+        out = gldv2_map_at_100(ranks, cache.gnd, n_public=min(cache.n_public, len(cache.gnd)))
+        return {k: out[k] for k in SPLITS}
+    out = evaluate_revisited(ranks, cache.gnd, shortlist_only=cache.shortlist_only)
+    medium, hard = out["medium"]["map"], out["hard"]["map"]
+    return {"medium": medium, "hard": hard, "mean_mh": (medium + hard) / 2}
+
+
+def window_order(cache: FusionCache, alpha: float, temp: float) -> np.ndarray:
+    """``[Q, W]`` positions of the window in fused order; entries past ``lengths[q]`` stay put."""
+    width = cache.logits.shape[1]
+    valid = np.arange(width)[None, :] < cache.lengths[:, None]
+    fused = fuse(cache.sims[:, :width], np.where(valid, cache.logits, 0.0), alpha, temp)
+    # -inf past the window keeps those columns last and, the sort being stable, in their order.
+    return rank_desc(np.where(valid, fused, -np.inf))
+
+
+def fused_ids(cache: FusionCache, alpha: float, temp: float) -> np.ndarray:
+    """``[Q, M]`` ids after single-window fusion with (α, τ) (what the pipeline returns)."""
+    width = cache.logits.shape[1]
+    out = cache.ids.copy()
+    out[:, :width] = np.take_along_axis(cache.ids[:, :width], window_order(cache, alpha, temp), 1)
+    return out
+
+
+def grid_search(
+    cache: FusionCache,
+    alphas: Sequence[float] = OFFICIAL_GRID,
+    temps: Sequence[float] = OFFICIAL_GRID,
+    split: str | None = None,
+) -> GridResult:
+    """Evaluate single-window fusion for every (α, τ); pure apart from a progress bar.
+
+    Only the window's rows of the evaluation ranking change between cells (the window's id set
+    is fixed), so the full ranking is built once and its head rewritten per cell.
+
+    Args:
+        cache: incoming ranking, logits and ground truth (:class:`FusionCache`).
+        alphas, temps: the grid (default: the official ``linspace(0, 1, 11)`` for both).
+        split: GLDv2 split to maximise (default public); must be None for Revisited.
+    """
+    alphas, temps = tuple(float(a) for a in alphas), tuple(float(t) for t in temps)
+    if not alphas or not temps:
+        raise UserError("the fusion grid needs at least one alpha and one temperature")
+    bad = [a for a in alphas if not 0.0 <= a <= 1.0]
+    if bad:
+        raise UserError(f"fusion alpha {bad[0]} must lie in [0, 1]")
+    objective = objective_of(cache.metric, split)
+    ranks = _base_ranks(cache)
+    width = cache.logits.shape[1]
+    head = ranks[:width].T.copy()  # [Q, W] window ids in incoming order
+    values = {k: np.full((len(alphas), len(temps)), np.nan) for k in METRICS[cache.metric]}
+    cells = [(i, j) for i in range(len(alphas)) for j in range(len(temps))]
+    for i, j in tqdm(cells, desc="fusion grid", unit="cell", leave=False, disable=None):
+        order = window_order(cache, alphas[i], temps[j])
+        ranks[:width] = np.take_along_axis(head, order, 1).T
+        for name, value in _evaluate(cache, ranks).items():
+            values[name][i, j] = value
+    return GridResult(alphas, temps, values, objective)
+
+
+# ----------------------------------------------------------------------------------------------
+# Outputs
+# ----------------------------------------------------------------------------------------------
+def heatmap(result: GridResult, out_png: Path, title: str) -> Path:
+    """The objective over the grid (α down, τ across), values written in the cells, best boxed."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+
+    grid = result.values[result.objective]
+    fig = Figure(figsize=(1.2 + 0.62 * len(result.temps), 1.0 + 0.42 * len(result.alphas)))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    image = ax.imshow(grid, cmap="viridis", aspect="auto")
+    fig.colorbar(image, ax=ax, label=f"{LABELS[result.objective]} (%)")
+    ax.set_xticks(range(len(result.temps)), [f"{t:g}" for t in result.temps])
+    ax.set_yticks(range(len(result.alphas)), [f"{a:g}" for a in result.alphas])
+    ax.set(xlabel="τ (temperature)", ylabel="α (global weight)", title=title)
+    finite = grid[np.isfinite(grid)]
+    middle = (finite.min() + finite.max()) / 2 if finite.size else 0.0
+    for (i, j), v in np.ndenumerate(grid):
+        color = "black" if v > middle else "white"
+        ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=6, color=color)
+    a, t = result.best
+    i, j = result.alphas.index(a), result.temps.index(t)
+    ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", lw=2))
+    fig.tight_layout()
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, format="png")
+    return out_png
+
+
+def read_best(path: Path) -> tuple[float, float]:
+    """``(alpha, temp)`` from a ``best.json`` of this command (``--fusion-from``)."""
+    path = Path(path)
+    try:
+        best = json.loads(path.read_text())
+        return float(best["alpha"]), float(best["temp"])
+    except FileNotFoundError:
+        raise UserError(f"--fusion-from {path} not found; run `locore bench fusion-grid`") from None
+    except (ValueError, KeyError, TypeError):
+        raise UserError(
+            f"--fusion-from {path} has no numeric 'alpha' and 'temp'; pass the best.json written "
+            "by `locore bench fusion-grid`"
+        ) from None
+
+
+def write_outputs(result: GridResult, cache: FusionCache, source: Path, out: Path) -> list[Path]:
+    """``grid.csv`` (every cell, every metric), ``best.json`` and ``heatmap.png`` in ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    rows = result.rows()
+    with open(out / "grid.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows({k: round(v, 6) for k, v in row.items()} for row in rows)
+    alpha, temp = result.best
+    best = {
+        "alpha": alpha,
+        "temp": temp,
+        "objective": result.objective,
+        "value": result.at(alpha, temp)[result.objective],
+        "metrics": result.at(alpha, temp),
+        "grid": {"alphas": list(result.alphas), "temps": list(result.temps)},
+        "mode": "single window (reference-spec §6.5)",
+        "cache": str(source),
+        **cache.info,
+    }
+    (out / "best.json").write_text(json.dumps(best, indent=1, default=str) + "\n")
+    title = f"{cache.info.get('dataset', cache.metric)}: single-window fusion"
+    png = heatmap(result, out / "heatmap.png", title)
+    return [out / "grid.csv", out / "best.json", png]
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of numbers"
+        ) from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``locore bench fusion-grid``."""
+    p = parser
+    p.add_argument(
+        "--cache",
+        type=Path,
+        required=True,
+        help="bench run folder holding fusion_logits_<setup>.npz (written with --save-logits), "
+        "or that file",
+    )
+    p.add_argument(
+        "--dataset",
+        default=None,
+        help="expected dataset of the cache (e.g. gldv2, roxford5k); a mismatch is an error",
+    )
+    p.add_argument(
+        "--split",
+        choices=SPLITS,
+        default=None,
+        help="GLDv2 split to maximise (default public, the official selection)",
+    )
+    p.add_argument("--setup", choices=tuple(SETUP_FILES), default="hard", help="Hard setup run")
+    grid = ",".join(f"{v:g}" for v in OFFICIAL_GRID)
+    p.add_argument("--alphas", type=_floats, default=OFFICIAL_GRID, help=f"default {grid}")
+    p.add_argument("--temps", type=_floats, default=OFFICIAL_GRID, help=f"default {grid}")
+    p.add_argument(
+        "--out", type=Path, default=None, help="output folder (default <cache>/fusion_grid)"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load the cache, evaluate the grid, print it and write CSV, JSON and heatmap."""
+    source = find_cache(args.cache, args.setup)
+    cache = FusionCache.load(source)
+    name = str(cache.info.get("dataset", cache.metric))
+    if args.dataset is not None and not name.startswith(args.dataset):
+        raise UserError(f"{source} holds {name} logits, not {args.dataset}; check --cache")
+    result = grid_search(cache, args.alphas, args.temps, args.split)
+    out = args.out or (source.parent / "fusion_grid")
+    files = write_outputs(result, cache, source, out)
+    alpha, temp = result.best
+    print(f"{name}: single-window fusion grid over {len(cache.ids)} queries")
+    print(result.table())
+    best = ", ".join(f"{k} {v:.2f}" for k, v in result.at(alpha, temp).items())
+    print(f"\nbest: alpha={alpha:g} temp={temp:g} ({best})")
+    print(f"written: {', '.join(str(f) for f in files)}")
+    return 0
