@@ -21,7 +21,7 @@ def test_bench_index_writes_latency_recall_gather_and_capacity(tmp_path, capsys)
     assert 0.5 < ivfpq["recall"] <= 1 and set(ivfpq["latency_ms"]) == {"1", "4"}
     store = results["store"]
     assert store["images"] == 60 and store["bytes_per_gather"] == 10 * 4 * (5 + 16) * 2
-    for method in ("gather", "naive_h5py_loop", "h5py_fancy_index", "gather_without_readahead"):
+    for method in ("gather", "naive_h5py_loop", "h5py_fancy_index"):
         assert store[f"{method}_warm"]["images_per_s"] > 0
     assert not (tmp_path / "s.h5").exists()  # deleted unless --keep-store
     printed = capsys.readouterr().out.splitlines()

@@ -151,7 +151,7 @@ def write_store(path: Path, images: int, num_local: int, dim: int, seed: int) ->
     return time.perf_counter() - start
 
 
-GATHER_METHODS = ("gather", "gather_without_readahead", "naive_h5py_loop", "h5py_fancy_index")
+GATHER_METHODS = ("gather", "naive_h5py_loop", "h5py_fancy_index")
 
 
 def measure_gather(
@@ -160,7 +160,6 @@ def measure_gather(
     """Time ``gather`` images x ``num_local`` rows with each method in ``names``."""
     import h5py
 
-    from indexing import local_store
     from indexing.local_store import LocalStore
 
     rng = np.random.default_rng(seed)
@@ -181,17 +180,8 @@ def measure_gather(
         with h5py.File(path, "r", rdcc_nbytes=0) as f:
             f["features"][np.sort(ids), :num_local].astype(np.float32)
 
-    def no_readahead(ids: np.ndarray) -> None:
-        advise = local_store._advise
-        local_store._advise = lambda *args: None
-        try:
-            store.gather(ids[None], num_local)
-        finally:
-            local_store._advise = advise
-
     every = {
         "gather": lambda ids: store.gather(ids[None], num_local),
-        "gather_without_readahead": no_readahead,
         "naive_h5py_loop": naive,
         "h5py_fancy_index": fancy,
     }
