@@ -6,7 +6,9 @@ Stages, each cached in ``--out`` and reused on a rerun when its artifact is comp
     db/          local store + raw globals of the database (engine.extract; resumes mid-way)
     queries/     the same for the query images, cropped to their boxes
     index/       the flat global index over the database globals
-    shortlist_*  first-stage ranking, ``depth`` columns per query (.npy pair)
+    shortlist_*  first-stage ranking, ``depth`` columns per query (.npy pair), database rows
+    nn_first_stage_*  the same in dataset ids (gnd ``imlist`` order, then distractors): what
+                 ``--shortlist-file`` reads, like an official ``nn_*.pkl``
     rerank/      one ``.npz`` per chain and Hard setup: every stage's ids and scores
     fusion_logits_hard.npz   with ``--save-logits``: the input of ``locore bench fusion-grid``
     report files results.csv, metrics.json, per_query.jsonl, table.txt, ap_scatter.png, grids/
@@ -73,7 +75,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="first stage: dinov2 = search our global descriptors; superglobal = the official "
         "nn_superglobal.pkl; auto = superglobal with --from-official when present, else dinov2",
     )
-    p.add_argument("--shortlist-file", type=Path, default=None, help="an nn_*.pkl to use as is")
+    p.add_argument(
+        "--shortlist-file",
+        type=Path,
+        default=None,
+        help="first stage in dataset ids: an official nn_*.pkl, or nn_first_stage_ids.npy of "
+        "another run",
+    )
     p.add_argument(
         "--rerank",
         default="locore_base",
@@ -407,6 +415,11 @@ def from_images(settings: Settings, config: cfg.PipelineConfig) -> Collection:
         {**db_params, **q_params},
         invert(row_to_eval, len(db_items)),
     )
+    # The same shortlist in dataset ids, for --shortlist-file of another run (e.g. a SuperGlobal
+    # first stage made with another extractor): database rows are this run's own numbering.
+    found = shortlist.ids >= 0
+    in_dataset_ids = np.where(found, row_to_eval[np.where(found, shortlist.ids, 0)], -1)
+    Shortlist(in_dataset_ids, shortlist.sims).save(out / "nn_first_stage")
     database = Database(db_globals, LocalStore(out / "db" / "local.h5"))
     paths = {it.name: it.path for it in db_items}
     return Collection(

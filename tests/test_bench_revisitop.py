@@ -270,6 +270,13 @@ def test_the_same_command_runs_on_the_demo_collection(tmp_path, micro_checkpoint
     printed = capsys.readouterr().out
     assert printed.startswith("demo: 7 queries")  # one query per evaluation scene
     assert (tmp_path / "out" / "grids" / "query_astronaut0.png").is_file()
+    # The first stage in dataset ids feeds another run as --shortlist-file: same global row.
+    argv[argv.index(str(tmp_path / "out"))] = str(tmp_path / "again")
+    nn = tmp_path / "out" / "nn_first_stage_ids.npy"
+    assert cli.main([*argv, "--rerank", "none", "--shortlist-file", str(nn)]) == 0
+    again = capsys.readouterr().out
+    (first,) = [line for line in printed.splitlines() if line.startswith("global")]
+    assert first in again.splitlines()
 
 
 def test_official_ids_become_database_rows_when_extraction_reordered_them():
