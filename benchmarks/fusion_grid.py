@@ -282,6 +282,7 @@ def cache_logits(settings: Settings, data: Collection, runs: dict, setup: str = 
             metric=metric,
             num_db=data.num_official,
             shortlist_only=settings.eval_shortlist_only,
+            n_public=data.gnd.get("n_public", GLDV2_PUBLIC),
             info={
                 "dataset": settings.name,
                 "setup": setup,

@@ -1,4 +1,4 @@
-"""``locore bench revisitop``: the paper's ROxf/RPar(+1M) table with one resumable command.
+"""``locore bench revisitop``: the paper's ROxf/RPar(+1M) and GLDv2 tables, one resumable command.
 
 Stages, each cached in ``--out`` and reused on a rerun when its artifact is complete (a
 ``<stage>.done.json`` marker holding the stage's parameters is written after the artifact):
@@ -9,7 +9,7 @@ Stages, each cached in ``--out`` and reused on a rerun when its artifact is comp
     shortlist_*  first-stage ranking, ``depth`` columns per query (.npy pair), database rows
     nn_first_stage_*  the same in dataset ids (gnd ``imlist`` order, then distractors): what
                  ``--shortlist-file`` reads, like an official ``nn_*.pkl``
-    rerank/      one ``.npz`` per chain and Hard setup: every stage's ids and scores
+    rerank/      one ``.npz`` per chain and re-rank setup: every stage's ids and scores
     fusion_logits_hard.npz   with ``--save-logits``: the input of ``locore bench fusion-grid``
     report files results.csv, metrics.json, per_query.jsonl, table.txt, ap_scatter.png, grids/
 
@@ -20,12 +20,22 @@ read from that run, so easy images take part in re-ranking and are only ignored 
 as well (Hard*, the easy images removed from the database; ``benchmarks.metrics.rerank_junk``).
 Without re-ranking the two are equal by construction (the Hard protocol ignores easy images).
 
+GLDv2 (``--dataset gldv2-test``, reference-spec §7.3): mAP@100 of the public (first 379), private
+(last 750) and combined queries. The ground truth has only ``ok`` (no junk, no Easy/Hard), so the
+two setups would re-rank the same shortlists: one run (the ``hard`` key, which moves nothing here)
+serves all three numbers. Each protocol's evaluation, table, per-query fields and plots live in
+one :class:`Evaluation` (``EVALUATIONS``), so the pipeline itself never branches on the dataset.
+
 ``--from-official DIR`` starts from the AMES data release instead of images: local HDF5 (flat or
-compound), raw float32 global ``.pt``, ``nn_<name>.pkl`` shortlists and the gnd pickle.
+compound), raw float32 global ``.pt``, ``nn_<name>.pkl`` shortlists and the gnd pickle. GLDv2 reads
+``gldv2-test/`` (queries ``<desc>_local.hdf5`` / ``<desc>_global.pt``, gnd, ``nn_*.pkl``) and
+``gldv2-index/`` (the gallery, whole or as ``split`` chunks ``<desc>_xaa_local.hdf5``, ... joined
+in sorted order without copying).
 """
 
 from __future__ import annotations
 
+import abc
 import argparse
 import csv
 import dataclasses
@@ -36,18 +46,23 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from benchmarks.metrics import GLDV2_DEPTH, RERANK_SETUPS, evaluate_revisited, gldv2_map_at_100
 from engine import config as cfg
 from engine.errors import UserError
 from engine.evaluate import to_imlist_ranks
 from indexing.shortlist import Shortlist, read_raw_globals
 from rerank.base import Database, Queries
 
+if TYPE_CHECKING:
+    from indexing.local_store import LocalStore
+
 logger = logging.getLogger(__name__)
 
-DATASETS = ("roxford5k", "rparis6k", "demo")
+DATASETS = ("roxford5k", "rparis6k", "demo", "gldv2-test")
 FULL_DEPTH_LIMIT = 200_000  # databases up to this size are ranked in full by the first stage
 DEFAULT_DEPTH = 1600  # first-stage depth beyond that (the official shortlist length)
 MISSING_IMAGE = np.full((64, 64, 3), 200, np.uint8)  # grid cell of an image we have no file for
@@ -65,7 +80,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--data-root",
         type=Path,
         default=None,
-        help="folder holding gnd_<dataset>.pkl and jpg/ (or <dataset>/ or datasets/<dataset>/)",
+        help="folder holding gnd_<dataset>.pkl and jpg/ (or <dataset>/ or datasets/<dataset>/); "
+        "gldv2-test: the CVDF release (retrieval_solution_v2.1.csv, index.csv, index/, test/) or "
+        "gldv2-test/gnd_gldv2-test.pkl with test_query.txt and test_gallery.txt",
     )
     p.add_argument("--with-1m", action="store_true", help="add the revisitop1m distractors")
     p.add_argument(
@@ -111,7 +128,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--save-logits",
         action="store_true",
         help="also cache one LoCoRe window's raw logits per query (fusion_logits_hard.npz), the "
-        "input of `locore bench fusion-grid`",
+        "input of `locore bench fusion-grid` (on gldv2-test: the official (alpha, tau) search)",
     )
     p.add_argument("--num-local", type=int, default=48, help="local descriptors per image")
     p.add_argument("--device", default="auto", help="re-ranking device (auto, cpu, cuda)")
@@ -134,7 +151,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=Path,
         default=None,
         metavar="DIR",
-        help="AMES data-release root (<DIR>/<dataset>[+1m]/...) instead of raw images",
+        help="AMES data-release root (<DIR>/<dataset>[+1m]/..., or <DIR>/gldv2-test/ and "
+        "<DIR>/gldv2-index/) instead of raw images",
     )
     p.add_argument("--desc-name", default="dinov2", help="prefix of the official feature files")
     p.add_argument("--grids", type=int, default=3, help="queries drawn as ranked-result grids")
@@ -173,6 +191,10 @@ class Settings:
     desc_name: str = "dinov2"
     grids: int = 3
     save_logits: bool = False
+
+    def __post_init__(self) -> None:
+        if self.with_1m and self.metric == "gldv2":
+            raise UserError(f"{self.dataset} has no +1M distractors; drop --with-1m")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Settings:
@@ -220,6 +242,16 @@ class Settings:
     def name(self) -> str:
         """``roxford5k`` or ``roxford5k+1m`` (the official folder names)."""
         return f"{self.dataset}+1m" if self.with_1m else self.dataset
+
+    @property
+    def metric(self) -> str:
+        """``"gldv2"`` (mAP@100, public/private) or ``"revisited"`` (Easy/Medium/Hard mAP)."""
+        return "gldv2" if self.dataset.startswith("gldv2") else "revisited"
+
+    @property
+    def evaluation(self) -> Evaluation:
+        """The protocol that evaluates and reports this benchmark."""
+        return EVALUATIONS[self.metric]
 
     def stages(self) -> list[tuple[str, dict]]:
         """The chain as ``(registry name, options)`` pairs."""
@@ -304,8 +336,13 @@ def invert(row_to_eval: np.ndarray, size: int) -> np.ndarray:
 
 def dataset_files(settings: Settings) -> tuple[dict, list, list]:
     """Ground truth, database items (official order) and query items (with boxes) of a raw-image
-    collection: the public Revisited layouts (``benchmarks.datasets.revisitop``) or the demo
-    collection (``gnd_demo.pkl``, ``jpg/``, ``queries/``)."""
+    collection: the public Revisited layouts (``benchmarks.datasets.revisitop``), the GLDv2
+    layouts (``benchmarks.datasets.gldv2``) or the demo collection (``gnd_demo.pkl``, ``jpg/``,
+    ``queries/``).
+
+    The ground truth is ``{"qimlist", "imlist", "gnd"}`` in every case (GLDv2: ``gnd[q] =
+    {"ok": ids}``, the names are its image ids or list paths, plus ``"n_public"``).
+    """
     from benchmarks.datasets.base import check_exist, find_file
     from benchmarks.datasets.revisitop import load_revisitop, read_distractors, read_gnd
     from engine.extract import Item
@@ -322,6 +359,18 @@ def dataset_files(settings: Settings) -> tuple[dict, list, list]:
         check_exist(queries + database, "demo images", DEMO_SOURCE)
         boxes = [g["bbx"] for g in gt["gnd"]]
         names = list(gt["imlist"])
+    elif settings.metric == "gldv2":
+        from benchmarks.datasets.gldv2 import load_gldv2
+
+        ds = load_gldv2(root)
+        gt = {
+            "qimlist": ds.query_names,
+            "imlist": ds.db_names,
+            "gnd": ds.gnd,
+            "n_public": ds.splits["public"][1],
+        }
+        queries, boxes, database = ds.queries, ds.boxes, ds.database
+        names = list(ds.db_names)
     else:
         ds = load_revisitop(root, settings.dataset, settings.with_1m)
         gt = read_gnd(ds.root / f"gnd_{settings.dataset}.pkl")
@@ -461,10 +510,13 @@ def _first_stage(
         )
     depth = settings.depth or (num_db if num_db <= FULL_DEPTH_LIMIT else DEFAULT_DEPTH)
     depth = min(depth, num_db)
+    cut = settings.evaluation.file_depth(settings)
 
     def work() -> None:
         if source is not None:
             shortlist = Shortlist.load(Path(source))
+            if cut is not None:
+                shortlist = shortlist.truncate(cut)
             if int(shortlist.ids.max()) >= num_db:
                 raise UserError(f"{source} holds ids beyond the {num_db}-image database")
             if eval_to_row is not None:
@@ -473,7 +525,7 @@ def _first_stage(
             shortlist = search(depth)
         shortlist.save(out / "shortlist")
 
-    record = {**params, "source": str(source), "depth": depth if source is None else None}
+    record = {**params, "source": str(source), "depth": depth if source is None else cut}
     cached_stage(out, "shortlist", record, work)
     return Shortlist.load(out / "shortlist")
 
@@ -487,12 +539,45 @@ def _to_rows(shortlist: Shortlist, eval_to_row: np.ndarray) -> Shortlist:
     return Shortlist(np.where(rows >= 0, rows, -1), sims)
 
 
-def from_official(settings: Settings, config: cfg.PipelineConfig) -> Collection:
-    """Open the AMES data release: ``<DIR>/<ds>/`` (queries, gnd) and ``<DIR>/<ds>[+1m]/``
-    (gallery, ``nn_*.pkl``); features are read in place, never copied."""
+@dataclasses.dataclass
+class ReleaseFiles:
+    """One benchmark's files in the AMES data release (each checked to exist).
+
+    ``gallery_local``/``gallery_global`` hold one file, or the chunks of an extraction split
+    with ``split`` (``xaa``, ``xab``, ...) in their database order.
+    """
+
+    gnd: dict  # qimlist, imlist (empty: unnamed), gnd; GLDv2 adds n_public
+    query_local: Path
+    gallery_local: list[Path]
+    query_global: Path
+    gallery_global: list[Path]
+    shortlists: Path  # folder of the nn_<name>.pkl files
+
+
+def _need(path: Path) -> Path:
+    if not path.is_file():
+        raise UserError(f"{path} not found; download the AMES data release (docs/REPRODUCE.md)")
+    return path
+
+
+def _chunks(folder: Path, whole: str, patterns: Sequence[str]) -> list[Path]:
+    """``folder/whole``, else the chunk files of the first pattern that matches, sorted."""
+    if (folder / whole).is_file():
+        return [folder / whole]
+    for pattern in patterns:
+        found = sorted(folder.glob(pattern))
+        if found:
+            return found
+    raise UserError(
+        f"{folder / whole} (or chunks {', '.join(patterns)}) not found; download the AMES data "
+        "release (docs/REPRODUCE.md)"
+    )
+
+
+def _revisited_release(settings: Settings) -> ReleaseFiles:
+    """``<DIR>/<ds>/`` (queries, gnd) and ``<DIR>/<ds>[+1m]/`` (gallery, ``nn_*.pkl``)."""
     from benchmarks.datasets.revisitop import read_gnd
-    from indexing.global_index import GlobalIndex
-    from indexing.local_store import LocalStore
 
     root, ds, dsx, prefix = (
         Path(settings.from_official),
@@ -501,37 +586,110 @@ def from_official(settings: Settings, config: cfg.PipelineConfig) -> Collection:
         settings.desc_name,
     )
     base, full = root / ds, root / dsx
-
-    def need(path: Path) -> Path:
-        if not path.is_file():
-            raise UserError(f"{path} not found; download the AMES data release (docs/REPRODUCE.md)")
-        return path
-
     gnd_path = next(
         (p for p in (base / f"gnd_{ds}.pkl", full / f"gnd_{dsx}.pkl") if p.is_file()), None
     )
-    gnd = read_gnd(gnd_path or need(base / f"gnd_{ds}.pkl"))
-    with LocalStore(need(base / f"{prefix}_query_local.hdf5")) as qstore:
+    return ReleaseFiles(
+        gnd=read_gnd(gnd_path or _need(base / f"gnd_{ds}.pkl")),
+        query_local=_need(base / f"{prefix}_query_local.hdf5"),
+        gallery_local=[_need(full / f"{prefix}_gallery_local.hdf5")],
+        query_global=_need(base / f"{prefix}_query_global.pt"),
+        gallery_global=[_need(full / f"{prefix}_gallery_global.pt")],
+        shortlists=full,
+    )
+
+
+def _gldv2_release(settings: Settings) -> ReleaseFiles:
+    """``<DIR>/gldv2-test/`` (queries, gnd, ``nn_*.pkl``; reference-spec §1.1) and
+    ``<DIR>/gldv2-index/`` (the gallery, whole or in chunks, §2.9)."""
+    from benchmarks.datasets.gldv2 import GND, public_count, read_list_names, read_ok_gnd
+
+    root, prefix = Path(settings.from_official), settings.desc_name
+    test, index = root / "gldv2-test", root / "gldv2-index"
+    gnd = read_ok_gnd(_need(test / GND))
+    if (test / "test_query.txt").is_file() and (test / "test_gallery.txt").is_file():
+        qimlist, imlist = read_list_names(test)
+    else:  # the image lists only name the images: without them rows are named by number
+        qimlist, imlist = [f"query{i}" for i in range(len(gnd))], []
+    return ReleaseFiles(
+        gnd={"qimlist": qimlist, "imlist": imlist, "gnd": gnd, "n_public": public_count(len(gnd))},
+        query_local=_need(test / f"{prefix}_local.hdf5"),
+        gallery_local=_chunks(
+            index, f"{prefix}_local.hdf5", (f"{prefix}_x??_local.hdf5", f"{prefix}_local_x??.hdf5")
+        ),
+        query_global=_need(test / f"{prefix}_global.pt"),
+        gallery_global=_chunks(
+            index, f"{prefix}_global.pt", (f"{prefix}_x??_global.pt", f"{prefix}?_global.pt")
+        ),
+        shortlists=test,
+    )
+
+
+RELEASES: dict[str, Callable[[Settings], ReleaseFiles]] = {
+    "revisited": _revisited_release,
+    "gldv2": _gldv2_release,
+}
+
+
+def _gallery_store(settings: Settings, paths: list[Path]) -> LocalStore:
+    """The gallery's local store; chunks are joined into one virtual store in ``out``."""
+    from indexing.local_store import LocalStore, join_shards
+
+    if len(paths) == 1:
+        return LocalStore(paths[0])
+    joined = settings.out / f"{settings.desc_name}_gallery_local_joined.h5"
+    logger.info("joining %d gallery chunks into %s", len(paths), joined)
+    return LocalStore(join_shards(paths, joined))
+
+
+def _gallery_globals(paths: list[Path], dim: int) -> np.ndarray:
+    """Raw globals of the gallery; chunks are concatenated in order (one file stays a memmap)."""
+    parts = [read_raw_globals(p, dim) for p in paths]
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def from_official(settings: Settings, config: cfg.PipelineConfig) -> Collection:
+    """Open the AMES data release (:data:`RELEASES` says where each benchmark's files lie);
+    features are read in place, never copied."""
+    from indexing.global_index import GlobalIndex
+    from indexing.local_store import LocalStore
+
+    files = RELEASES[settings.metric](settings)
+    gnd = files.gnd
+    with LocalStore(files.query_local) as qstore:
         n_q = len(qstore)
         q_rows = qstore.rows(
             np.arange(n_q), min(settings.locore.get("num_local", 48), qstore.num_local)
         )
     if n_q != len(gnd["qimlist"]):
-        raise UserError(f"{base} has {n_q} query rows for {len(gnd['qimlist'])} gnd queries")
-    store = LocalStore(need(full / f"{prefix}_gallery_local.hdf5"))
+        raise UserError(
+            f"{files.query_local.parent} has {n_q} query rows for {len(gnd['qimlist'])} gnd queries"
+        )
+    store = _gallery_store(settings, files.gallery_local)
     n_db = len(store)
-    q_file = need(base / f"{prefix}_query_global.pt")
+    q_file = files.query_global
     dim = q_file.stat().st_size // (4 * n_q)
     q_globals = np.asarray(read_raw_globals(q_file, dim))
-    db_globals = read_raw_globals(need(full / f"{prefix}_gallery_global.pt"), dim)
+    db_globals = _gallery_globals(files.gallery_global, dim)
     if len(db_globals) != n_db:
-        raise UserError(f"{full}: {len(db_globals)} global rows for {n_db} local rows")
+        store.close()
+        raise UserError(
+            f"{files.gallery_global[0].parent}: {len(db_globals)} global rows for {n_db} local rows"
+        )
+    top = max((int(_positives(g).max(initial=-1)) for g in gnd["gnd"]), default=-1)
+    if top >= n_db:
+        store.close()
+        raise UserError(
+            f"the ground truth lists database id {top} but {files.gallery_local[0].parent} holds "
+            f"{n_db} images; the files come from different releases"
+        )
+    gnd["imlist"] = gnd["imlist"] or [f"index{i}" for i in range(n_db)]
     n_im = len(gnd["imlist"])
     row_to_eval = np.arange(n_db)  # official files are in official order
     choice = settings.shortlist
     if choice == "auto":
-        choice = "superglobal" if (full / "nn_superglobal.pkl").is_file() else "dinov2"
-    nn_file = full / f"nn_{choice}.pkl"
+        choice = "superglobal" if (files.shortlists / "nn_superglobal.pkl").is_file() else "dinov2"
+    nn_file = files.shortlists / f"nn_{choice}.pkl"
     shortlist_settings = settings
     if settings.shortlist_file is None and nn_file.is_file():
         shortlist_settings = dataclasses.replace(settings, shortlist_file=nn_file)
@@ -541,7 +699,7 @@ def from_official(settings: Settings, config: cfg.PipelineConfig) -> Collection:
         index.add(np.asarray(db_globals))
         return _search(index, q_globals, depth)
 
-    shortlist = _first_stage(shortlist_settings, search, n_db, {"official": str(full)})
+    shortlist = _first_stage(shortlist_settings, search, n_db, {"official": str(files.shortlists)})
     names = [*gnd["imlist"], *(f"distractor{i}" for i in range(n_db - n_im))]
     image_of = query_images = None
     if settings.data_root is not None:  # images are optional here: only the grids use them
@@ -567,15 +725,13 @@ def from_official(settings: Settings, config: cfg.PipelineConfig) -> Collection:
 
 
 # ----------------------------------------------------------------------------------------------
-# Re-ranking runs and evaluation
+# Re-ranking runs
 # ----------------------------------------------------------------------------------------------
 def rerank_runs(
     settings: Settings, data: Collection
 ) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
-    """Per Hard setup (``hard``, ``hard*``), every stage's ``(ids, scores)``, cached as
-    ``rerank/<tag>_<setup>.npz``."""
-    from benchmarks.metrics import RERANK_SETUPS
-
+    """Per re-rank setup of the benchmark (``hard`` and ``hard*``; GLDv2: ``hard`` only), every
+    stage's ``(ids, scores)``, cached as ``rerank/<tag>_<setup>.npz``."""
     stages = settings.stages()
     if not stages:
         return {}
@@ -586,7 +742,7 @@ def rerank_runs(
     tag = _digest({"stages": stages, "shortlist": _digest({"ids": data.shortlist.ids.tolist()})})
     chain = None
     runs = {}
-    for setup in RERANK_SETUPS:
+    for setup in settings.evaluation.setups:
         path = folder / f"{tag}_{setup.replace('*', 'star')}.npz"
 
         def work(path: Path = path, setup: str = setup) -> None:
@@ -614,6 +770,214 @@ def _ranks(settings: Settings, data: Collection, ids: np.ndarray) -> np.ndarray:
     return full[: ids.shape[1]] if settings.eval_shortlist_only else full
 
 
+# ----------------------------------------------------------------------------------------------
+# Evaluation protocols
+# ----------------------------------------------------------------------------------------------
+def _positives(g: dict) -> np.ndarray:
+    """Ground-truth ids that are correct answers: easy and hard (Revisited) or ok (GLDv2)."""
+    return np.asarray([*g.get("easy", []), *g.get("hard", []), *g.get("ok", [])], dtype=np.int64)
+
+
+def _label(eval_id: int, g: dict) -> str:
+    """Frame of a result in the grids. From ground-truth ids rather than names
+    (``engine.visualize.label_of`` knows only easy/hard/junk and ``imlist`` names)."""
+    if eval_id in _positives(g):
+        return "positive"
+    if eval_id in set(g.get("junk", [])):
+        return "junk"
+    return "negative"
+
+
+class Evaluation(abc.ABC):
+    """How one benchmark family is scored and reported; the pipeline only calls these.
+
+    ``setups`` are the re-rank runs of every chain (keys of :func:`rerank_runs`); the first is
+    the one whose ranking the per-query report, scatter plot and grids show. ``by_setup`` /
+    ``final`` map each setup to what :meth:`evaluate` returned for it.
+    """
+
+    setups: tuple[str, ...]
+
+    def file_depth(self, settings: Settings) -> int | None:
+        """Columns kept of a shortlist file (``--shortlist-file``, ``nn_*.pkl``); None = all."""
+        return None
+
+    def ranks(self, settings: Settings, data: Collection, ids: np.ndarray) -> np.ndarray:
+        """``[n_ranked, Q]`` ground-truth-id ranking of database-row ids ``[Q, M]``."""
+        return _ranks(settings, data, ids)
+
+    @abc.abstractmethod
+    def evaluate(self, settings: Settings, data: Collection, ids: np.ndarray) -> dict:
+        """Metrics of one ranking (database rows ``[Q, M]``)."""
+
+    @abc.abstractmethod
+    def row(self, label: str, by_setup: dict[str, dict]) -> dict:
+        """One row of results.csv / metrics.json."""
+
+    @abc.abstractmethod
+    def table(self, settings: Settings, data: Collection, rows: list[dict], ranking: str) -> str:
+        """The printed table; ``ranking`` says what was ranked (full database or shortlist)."""
+
+    @abc.abstractmethod
+    def query_aps(self, data: Collection, q: int, before: dict, final: dict[str, dict]) -> dict:
+        """Query q's AP fields of per_query.jsonl."""
+
+    @abc.abstractmethod
+    def scatter(self, before: dict, final: dict[str, dict]) -> tuple[dict, dict]:
+        """Per-query APs by scatter panel, before and after re-ranking."""
+
+    @abc.abstractmethod
+    def panel_positives(self, g: dict) -> dict[str, list[int]]:
+        """Per scatter panel, the ids whose count in the re-ranked part colours a query."""
+
+    @abc.abstractmethod
+    def caption(self, metrics: dict, q: int) -> str:
+        """Query q's AP on a grid row, e.g. ``AP(M) 50.0``."""
+
+
+class RevisitedEvaluation(Evaluation):
+    """Easy/Medium/Hard mAP (%), Medium and Hard from the ``hard`` run, Hard* from ``hard*``."""
+
+    setups = RERANK_SETUPS
+
+    def evaluate(self, settings: Settings, data: Collection, ids: np.ndarray) -> dict:
+        ranks = self.ranks(settings, data, ids)
+        return evaluate_revisited(
+            ranks, data.gnd["gnd"], shortlist_only=settings.eval_shortlist_only
+        )
+
+    def row(self, label: str, by_setup: dict[str, dict]) -> dict:
+        row = {"method": label}
+        normal, star = by_setup["hard"], by_setup["hard*"]
+        for proto, metrics in (("medium", normal), ("hard", normal), ("hard*", star)):
+            key = "hard" if proto == "hard*" else proto
+            row[f"{proto}_map"] = round(float(metrics[key]["map"]), 3)
+            for k, v in zip(metrics[key]["kappas"], metrics[key]["mpk"]):
+                row[f"{proto}_mp@{k}"] = round(float(v), 3)
+        return row
+
+    def table(self, settings: Settings, data: Collection, rows: list[dict], ranking: str) -> str:
+        lines = [
+            f"{settings.name}: {len(data.gnd['qimlist'])} queries, mAP (%) over the {ranking}",
+            f"{'method':<36}{'Medium':>9}{'Hard':>9}{'Hard*':>9}",
+        ]
+        for row in rows:
+            lines.append(
+                f"{row['method']:<36}{row['medium_map']:9.2f}{row['hard_map']:9.2f}"
+                f"{row['hard*_map']:9.2f}"
+            )
+        lines.append(
+            "Hard: easy images re-ranked, ignored by the metric; Hard*: easy images removed from "
+            "the shortlist before re-ranking (equal without re-ranking)."
+        )
+        return "\n".join(lines)
+
+    def query_aps(self, data: Collection, q: int, before: dict, final: dict[str, dict]) -> dict:
+        normal, star = final["hard"], final["hard*"]
+        return {
+            "ap_medium_before": _nan_none(before["medium"]["aps"][q]),
+            "ap_medium_after": _nan_none(normal["medium"]["aps"][q]),
+            "ap_hard_before": _nan_none(before["hard"]["aps"][q]),
+            "ap_hard_after": _nan_none(normal["hard"]["aps"][q]),
+            "ap_hard*_after": _nan_none(star["hard"]["aps"][q]),
+        }
+
+    def scatter(self, before: dict, final: dict[str, dict]) -> tuple[dict, dict]:
+        normal, star = final["hard"], final["hard*"]
+        return (
+            {
+                "Medium": before["medium"]["aps"],
+                "Hard": before["hard"]["aps"],
+                "Hard*": before["hard"]["aps"],
+            },
+            {
+                "Medium": normal["medium"]["aps"],
+                "Hard": normal["hard"]["aps"],
+                "Hard*": star["hard"]["aps"],
+            },
+        )
+
+    def panel_positives(self, g: dict) -> dict[str, list[int]]:
+        hard = list(g.get("hard", []))
+        return {"Medium": [*g.get("easy", []), *hard], "Hard": hard, "Hard*": hard}
+
+    def caption(self, metrics: dict, q: int) -> str:
+        return f"AP(M) {100 * metrics['medium']['aps'][q]:.1f}"
+
+
+class Gldv2Evaluation(Evaluation):
+    """GLDv2 mAP@100 (%) of the public, private and combined queries, from one re-rank run."""
+
+    setups = RERANK_SETUPS[:1]  # no junk and no easy images: "hard" moves nothing out
+    splits = ("public", "private", "combined")
+
+    def file_depth(self, settings: Settings) -> int | None:
+        """The release's ``nn_superglobal.pkl`` ranks the whole 762k-image index (~7 GB of ids)
+        but only 100 ranks are scored and ``--topk`` re-ranked: keep ``--depth`` (1600)."""
+        return settings.depth or DEFAULT_DEPTH
+
+    def ranks(self, settings: Settings, data: Collection, ids: np.ndarray) -> np.ndarray:
+        """Only the first 100 ranks count: a ranking that fills them is used as it is (ranking
+        the rest of the 762k-image index for 1,129 queries would take ~7 GB); deeper rows
+        only locate positives for the per-query report."""
+        depth = min(GLDV2_DEPTH, data.num_official)
+        if ids.shape[1] >= depth and (ids[:, :depth] >= 0).all():
+            return np.ascontiguousarray(np.where(ids >= 0, data.row_to_eval[ids], -1).T)
+        return _ranks(settings, data, ids)
+
+    def evaluate(self, settings: Settings, data: Collection, ids: np.ndarray) -> dict:
+        ranks = self.ranks(settings, data, ids)
+        return gldv2_map_at_100(ranks, data.gnd["gnd"], n_public=data.gnd["n_public"])
+
+    def row(self, label: str, by_setup: dict[str, dict]) -> dict:
+        (metrics,) = by_setup.values()
+        return {"method": label, **{f"{k}_map@100": round(metrics[k], 3) for k in self.splits}}
+
+    def table(self, settings: Settings, data: Collection, rows: list[dict], ranking: str) -> str:
+        n, n_public = len(data.gnd["qimlist"]), data.gnd["n_public"]
+        lines = [
+            f"{settings.name}: {n} queries ({n_public} public, {n - n_public} private), "
+            f"mAP@100 (%) over the {ranking}",
+            f"{'method':<36}{'Public':>9}{'Private':>9}{'Combined':>10}",
+        ]
+        for row in rows:
+            lines.append(
+                f"{row['method']:<36}{row['public_map@100']:9.2f}{row['private_map@100']:9.2f}"
+                f"{row['combined_map@100']:10.2f}"
+            )
+        lines.append(
+            "Public: the first queries (selects alpha, tau); nan: a split without queries."
+        )
+        return "\n".join(lines)
+
+    def query_aps(self, data: Collection, q: int, before: dict, final: dict[str, dict]) -> dict:
+        (after,) = final.values()
+        return {
+            "split": "public" if q < data.gnd["n_public"] else "private",
+            "ap@100_before": _nan_none(before["aps"][q]),
+            "ap@100_after": _nan_none(after["aps"][q]),
+        }
+
+    def scatter(self, before: dict, final: dict[str, dict]) -> tuple[dict, dict]:
+        (after,) = final.values()
+        return {"AP@100": before["aps"]}, {"AP@100": after["aps"]}
+
+    def panel_positives(self, g: dict) -> dict[str, list[int]]:
+        return {"AP@100": list(g["ok"])}
+
+    def caption(self, metrics: dict, q: int) -> str:
+        return f"AP@100 {100 * metrics['aps'][q]:.1f}"
+
+
+EVALUATIONS: dict[str, Evaluation] = {
+    "revisited": RevisitedEvaluation(),
+    "gldv2": Gldv2Evaluation(),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# The benchmark and its reports
+# ----------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class Report:
     """What the benchmark printed and wrote."""
@@ -625,8 +989,6 @@ class Report:
 
 def run_benchmark(settings: Settings, config: cfg.PipelineConfig) -> Report:
     """All stages (cached), then the table, CSV, per-query JSONL, scatter plot and grids."""
-    from benchmarks.metrics import evaluate_revisited
-
     out = settings.out
     out.mkdir(parents=True, exist_ok=True)
     data = (
@@ -643,22 +1005,17 @@ def run_benchmark(settings: Settings, config: cfg.PipelineConfig) -> Report:
     finally:
         if data.database.store is not None:
             data.database.store.close()
-    gnd = data.gnd["gnd"]
-
-    def evaluate(ids: np.ndarray) -> dict:
-        ranks = _ranks(settings, data, ids)
-        return evaluate_revisited(ranks, gnd, shortlist_only=settings.eval_shortlist_only)
-
-    before = evaluate(data.shortlist.ids)
-    labels = ["global"]
-    rows = [_row("global", before, before)]
+    evaluation = settings.evaluation
+    before = evaluation.evaluate(settings, data, data.shortlist.ids)
+    rows = [evaluation.row("global", dict.fromkeys(evaluation.setups, before))]
     stage_metrics = []
     for i in range(len(settings.chain)):
         name = " + ".join(settings.chain[: i + 1])
-        normal, star = evaluate(runs["hard"][i][0]), evaluate(runs["hard*"][i][0])
-        labels.append(name)
-        rows.append(_row(name, normal, star))
-        stage_metrics.append((normal, star))
+        by_setup = {
+            s: evaluation.evaluate(settings, data, runs[s][i][0]) for s in evaluation.setups
+        }
+        rows.append(evaluation.row(name, by_setup))
+        stage_metrics.append(by_setup)
     files = _write_reports(settings, data, rows, before, stage_metrics, runs)
     table = format_table(settings, data, rows)
     (out / "table.txt").write_text(table + "\n")
@@ -666,37 +1023,15 @@ def run_benchmark(settings: Settings, config: cfg.PipelineConfig) -> Report:
     return Report(rows, table, files)
 
 
-def _row(label: str, normal: dict, star: dict) -> dict:
-    row = {"method": label}
-    for proto, metrics in (("medium", normal), ("hard", normal), ("hard*", star)):
-        key = "hard" if proto == "hard*" else proto
-        row[f"{proto}_map"] = round(float(metrics[key]["map"]), 3)
-        for k, v in zip(metrics[key]["kappas"], metrics[key]["mpk"]):
-            row[f"{proto}_mp@{k}"] = round(float(v), 3)
-    return row
-
-
 def format_table(settings: Settings, data: Collection, rows: list[dict]) -> str:
-    """The paper's layout: one row per chain prefix, Medium / Hard / Hard* mAP (%)."""
+    """The paper's layout: one row per chain prefix (Revisited: Medium / Hard / Hard* mAP;
+    GLDv2: public / private / combined mAP@100)."""
     ranking = (
         f"shortlist of {data.shortlist.ids.shape[1]}"
         if settings.eval_shortlist_only
         else f"full database ({data.num_official:,} images)"
     )
-    lines = [
-        f"{settings.name}: {len(data.gnd['qimlist'])} queries, mAP (%) over the {ranking}",
-        f"{'method':<36}{'Medium':>9}{'Hard':>9}{'Hard*':>9}",
-    ]
-    for row in rows:
-        lines.append(
-            f"{row['method']:<36}{row['medium_map']:9.2f}{row['hard_map']:9.2f}"
-            f"{row['hard*_map']:9.2f}"
-        )
-    lines.append(
-        "Hard: easy images re-ranked, ignored by the metric; Hard*: easy images removed from the "
-        "shortlist before re-ranking (equal without re-ranking)."
-    )
-    return "\n".join(lines)
+    return settings.evaluation.table(settings, data, rows, ranking)
 
 
 def _nan_none(v: float) -> float | None:
@@ -708,10 +1043,11 @@ def _write_reports(
     data: Collection,
     rows: list[dict],
     before: dict,
-    stage_metrics: list,
+    stage_metrics: list[dict[str, dict]],
     runs: dict,
 ) -> list[str]:
     out = settings.out
+    evaluation = settings.evaluation
     with open(out / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -727,21 +1063,17 @@ def _write_reports(
     (out / "metrics.json").write_text(json.dumps(meta, indent=1, default=str))
     files = ["results.csv", "metrics.json"]
 
-    final = stage_metrics[-1] if stage_metrics else (before, before)
-    final_ids = runs["hard"][-1][0] if runs else data.shortlist.ids
-    ranks_before = _ranks(settings, data, data.shortlist.ids)
-    ranks_after = _ranks(settings, data, final_ids)
+    shown = evaluation.setups[0]  # the run whose ranking the reports show
+    final = stage_metrics[-1] if stage_metrics else dict.fromkeys(evaluation.setups, before)
+    final_ids = runs[shown][-1][0] if runs else data.shortlist.ids
+    ranks_before = evaluation.ranks(settings, data, data.shortlist.ids)
+    ranks_after = evaluation.ranks(settings, data, final_ids)
     with open(out / "per_query.jsonl", "w") as f:
         for q, name in enumerate(data.gnd["qimlist"]):
-            g = data.gnd["gnd"][q]
-            positives = np.asarray([*g.get("easy", []), *g.get("hard", [])], dtype=np.int64)
+            positives = _positives(data.gnd["gnd"][q])
             record = {
                 "query": name,
-                "ap_medium_before": _nan_none(before["medium"]["aps"][q]),
-                "ap_medium_after": _nan_none(final[0]["medium"]["aps"][q]),
-                "ap_hard_before": _nan_none(before["hard"]["aps"][q]),
-                "ap_hard_after": _nan_none(final[0]["hard"]["aps"][q]),
-                "ap_hard*_after": _nan_none(final[1]["hard"]["aps"][q]),
+                **evaluation.query_aps(data, q, before, final),
                 "positive_ranks_before": _positions(ranks_before[:, q], positives),
                 "positive_ranks_after": _positions(ranks_after[:, q], positives),
                 "top10_before": [data.db_names[i] for i in data.shortlist.ids[q][:10] if i >= 0],
@@ -752,40 +1084,31 @@ def _write_reports(
     if runs:
         from benchmarks.plots import ap_scatter
 
+        ap_before, ap_after = evaluation.scatter(before, final)
         ap_scatter(
-            {
-                "Medium": before["medium"]["aps"],
-                "Hard": before["hard"]["aps"],
-                "Hard*": before["hard"]["aps"],
-            },
-            {
-                "Medium": final[0]["medium"]["aps"],
-                "Hard": final[0]["hard"]["aps"],
-                "Hard*": final[1]["hard"]["aps"],
-            },
+            ap_before,
+            ap_after,
             out / "ap_scatter.png",
             title=f"{settings.name}: global vs {' + '.join(settings.chain)}",
             color=_positives_in_shortlist(settings, data),
             color_label=f"positives in the top {settings.locore.get('topk', 400)}",
         )
         files.append("ap_scatter.png")
-    final_scores = runs["hard"][-1][1] if runs else data.shortlist.sims
-    files += _grids(settings, data, before, final[0], final_ids, final_scores)
+    final_scores = runs[shown][-1][1] if runs else data.shortlist.sims
+    files += _grids(settings, data, before, final[shown], final_ids, final_scores)
     return files
 
 
 def _positives_in_shortlist(settings: Settings, data: Collection) -> dict[str, np.ndarray]:
-    """Per protocol panel, each query's positives among the re-ranked shortlist entries (the
+    """Per scatter panel, each query's positives among the re-ranked shortlist entries (the
     colour of the paper's supplementary Figure A)."""
     top = data.shortlist.ids[:, : settings.locore.get("topk", 400)]
-    counts = {"Medium": [], "Hard": []}
+    counts: dict[str, list] = {}
     for q, g in enumerate(data.gnd["gnd"]):
         ids = data.row_to_eval[top[q][top[q] >= 0]]
-        counts["Medium"].append(np.isin(ids, [*g.get("easy", []), *g.get("hard", [])]).sum())
-        counts["Hard"].append(np.isin(ids, list(g.get("hard", []))).sum())
-    out = {k: np.asarray(v, dtype=float) for k, v in counts.items()}
-    out["Hard*"] = out["Hard"]
-    return out
+        for panel, positives in settings.evaluation.panel_positives(g).items():
+            counts.setdefault(panel, []).append(np.isin(ids, positives).sum())
+    return {k: np.asarray(v, dtype=float) for k, v in counts.items()}
 
 
 def _positions(column: np.ndarray, positives: np.ndarray) -> list[int]:
@@ -806,10 +1129,9 @@ def _grids(
     if settings.grids <= 0 or data.query_images is None or data.image_of is None:
         return []
     from benchmarks.plots import GridRow, ranked_grid
-    from engine.visualize import label_of
     from feature_extractors.io import load_image
 
-    position = {n: i for i, n in enumerate(data.gnd["imlist"])}
+    evaluation = settings.evaluation
     files = []
     for q in range(min(settings.grids, len(data.query_images))):
         g = data.gnd["gnd"][q]
@@ -818,14 +1140,14 @@ def _grids(
             ("global", data.shortlist.ids, data.shortlist.sims, before),
             (" + ".join(settings.chain) or "global", final_ids, final_scores, after),
         ):
-            names = [data.db_names[int(i)] for i in ids[q][:10] if i >= 0]
-            paths = [data.image_of(n) for n in names]
+            top = [int(i) for i in ids[q][:10] if i >= 0]
+            paths = [data.image_of(data.db_names[i]) for i in top]
             rows.append(
                 GridRow(
                     [load_image(p) if p is not None else MISSING_IMAGE for p in paths],
-                    [label_of(n, g, position) for n in names],
-                    [float(s) for s in scores[q][: len(names)]],
-                    f"{label}: AP(M) {100 * metrics['medium']['aps'][q]:.1f}",
+                    [_label(int(data.row_to_eval[i]), g) for i in top],
+                    [float(s) for s in scores[q][: len(top)]],
+                    f"{label}: {evaluation.caption(metrics, q)}",
                 )
             )
         name = data.gnd["qimlist"][q]
@@ -835,7 +1157,7 @@ def _grids(
             rows[0].images,
             rows[0].labels,
             rows[0].scores,
-            settings.out / "grids" / f"{name}.png",
+            settings.out / "grids" / f"{name.replace('/', '_')}.png",  # GLDv2 names are paths
             title=name,
             name=rows[0].name,
             rows=rows[1:],

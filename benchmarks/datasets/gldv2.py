@@ -84,28 +84,58 @@ def _load_cvdf(root: Path, solution: Path, verify: bool) -> RetrievalDataset:
     return _dataset(root, queries, database, gnd, n_public, (query_ids, index_ids))
 
 
-def _load_ames(root: Path, gnd_path: Path, images_root: Path, verify: bool) -> RetrievalDataset:
-    with open(gnd_path, "rb") as f:
-        raw = pickle.load(f)
+def public_count(num_queries: int) -> int:
+    """Queries of the public split: the first 379 (all of a smaller set, e.g. a test subset)."""
+    return min(GLDV2_PUBLIC, num_queries)
+
+
+def read_ok_gnd(path: Path) -> list[dict]:
+    """``gnd`` of an AMES ``gnd_gldv2-test.pkl`` as ``[{"ok": [int]}]``.
+
+    Id fields become plain int lists whatever container the pickle used (P18), so the result
+    survives JSON (per-query reports, the fusion-grid cache).
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            raw = pickle.load(f)
+    except (OSError, pickle.UnpicklingError, EOFError) as err:
+        raise UserError(
+            f"{path} cannot be read as a gnd pickle ({type(err).__name__}); download it again "
+            f"from {AMES_RELEASE}"
+        ) from None
     if not isinstance(raw, dict) or "gnd" not in raw:
-        raise UserError(f"{gnd_path} has no 'gnd': it is not the gldv2-test ground truth")
-    folder = gnd_path.parent
+        raise UserError(f"{path} has no 'gnd': it is not the gldv2-test ground truth")
+    gnd = [{"ok": np.asarray(g["ok"], dtype=np.int64).reshape(-1).tolist()} for g in raw["gnd"]]
+    if any(min(g["ok"], default=0) < 0 for g in gnd):
+        raise UserError(f"{path} holds negative index ids; the file is corrupt")
+    return gnd
+
+
+def read_list_names(folder: Path) -> tuple[list[str], list[str]]:
+    """Field 0 (the image path) of every line of ``test_query.txt`` and ``test_gallery.txt``."""
     lists = [
         find_file(folder, n, (".",), AMES_RELEASE) for n in ("test_query.txt", "test_gallery.txt")
     ]
-    rel_queries, rel_database = ([line.split(",")[0] for line in read_lines(p)] for p in lists)
+    queries, gallery = ([line.split(",")[0] for line in read_lines(p)] for p in lists)
+    return queries, gallery
+
+
+def _load_ames(root: Path, gnd_path: Path, images_root: Path, verify: bool) -> RetrievalDataset:
+    gnd = read_ok_gnd(gnd_path)
+    rel_queries, rel_database = read_list_names(gnd_path.parent)
     queries = [images_root / n for n in rel_queries]
     database = [images_root / n for n in rel_database]
-    if len(raw["gnd"]) != len(queries):
-        raise UserError(f"{gnd_path}: {len(raw['gnd'])} gnd entries for {len(queries)} queries")
-    gnd = [{"ok": np.asarray(g["ok"], dtype=np.int64).reshape(-1).tolist()} for g in raw["gnd"]]
+    if len(gnd) != len(queries):
+        raise UserError(f"{gnd_path}: {len(gnd)} gnd entries for {len(queries)} queries")
     top = max((max(g["ok"]) for g in gnd if g["ok"]), default=-1)
     if top >= len(database):
         raise UserError(f"{gnd_path} references index id {top} beyond test_gallery.txt")
     if verify:
         check_exist(queries + database, "GLDv2 images", CVDF)
-    n_public = min(GLDV2_PUBLIC, len(gnd))
-    return _dataset(root, queries, database, gnd, n_public, (rel_queries, rel_database))
+    return _dataset(
+        root, queries, database, gnd, public_count(len(gnd)), (rel_queries, rel_database)
+    )
 
 
 def _dataset(root, queries, database, gnd, n_public: int, names) -> RetrievalDataset:
