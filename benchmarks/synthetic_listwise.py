@@ -37,12 +37,13 @@ logger = logging.getLogger(__name__)
 
 
 def model_config(
-    spec: SyntheticSpec, hidden: int = 64, layers: int = 3, window: int = 64
+    spec: SyntheticSpec, hidden: int = 64, layers: int = 3, window: int | None = None
 ) -> LocoreConfig:
     """A small LoCoRe for the synthetic lists.
 
-    ``window`` changes no parameter; the pair-wise twin uses one pair's length, because a
-    sequence is padded to a multiple of the window and padding would cost it 3x the compute.
+    ``window`` changes no parameter. By default it covers the whole list, so every token may
+    attend to every other; the pair-wise twin uses one pair's length, because a sequence is
+    padded to a multiple of the window and padding would cost it 6x the compute.
     """
     tokens = (1 + spec.gallery) * (spec.num_local + 2)
     return LocoreConfig(
@@ -50,7 +51,7 @@ def model_config(
         num_layers=layers,
         num_heads=4,
         intermediate_size=2 * hidden,
-        attention_window=window,
+        attention_window=window or tokens + tokens % 2,
         max_positions=tokens + 256,
         local_dim=spec.dim,
         global_dim=spec.global_dim,
@@ -110,7 +111,7 @@ def score_lists(
 
 def run_benchmark(
     out: Path,
-    steps: int = 600,
+    steps: int = 12000,
     batch_size: int = 8,
     train_lists: int = 4000,
     test_lists: int = 300,
@@ -129,7 +130,7 @@ def run_benchmark(
     common = dict(
         steps=steps,
         lr=lr,
-        warmup_steps=steps // 10,
+        warmup_steps=steps // 40,
         log_every=max(1, steps // 20),
         save_every=max(1, steps // 20) * steps,  # only the final checkpoint
         seed=seed,
@@ -138,10 +139,9 @@ def run_benchmark(
     results: dict = {"spec": dataclasses.asdict(spec), "steps": steps, "lists_per_step": batch_size}
     global_scores = np.stack([it["gallery_global"] @ it["query_global"] for it in test_set.lists])
     results["global"] = dict(zip(("map", "map_transitive"), mean_ap(global_scores, kinds)))
-    pair_window = 2 * (spec.num_local + 2)
     for name, dataset, per_step, window in (
-        ("pairwise", SyntheticPairs(train_set), batch_size * spec.gallery, pair_window),
-        ("locore", train_set, batch_size, 64),
+        ("pairwise", SyntheticPairs(train_set), batch_size * spec.gallery, 2 * spec.num_local + 4),
+        ("locore", train_set, batch_size, None),
     ):
         folder = Path(out) / name
         architecture = dataclasses.asdict(model_config(spec, hidden, layers, window))
@@ -161,7 +161,7 @@ def run_benchmark(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``locore bench listwise``."""
-    parser.add_argument("--steps", type=int, default=600, help="optimiser steps per model")
+    parser.add_argument("--steps", type=int, default=12000, help="optimiser steps per model")
     parser.add_argument("--batch-size", type=int, default=8, help="lists per step (pairs: x G)")
     parser.add_argument("--train-lists", type=int, default=4000)
     parser.add_argument("--test-lists", type=int, default=300)

@@ -246,9 +246,25 @@ class LocoreModel(nn.Module):
 
     # -- construction and I/O -----------------------------------------------------------------
     def reset_parameters(self) -> None:
-        """HF-style random init: N(0, 0.02) weights, zero biases, unit LayerNorms."""
+        """Random init as the official constructor leaves it: the encoder HF-style (N(0, 0.02)
+        weights, zero biases, unit LayerNorms), the descriptor projections with PyTorch's
+        fan-in-scaled default and zero biases.
+
+        The projections matter for training from scratch: at N(0, 0.02) a unit-norm descriptor
+        becomes a token as small as its position embedding, and a model then needs thousands of
+        steps before attention starts matching descriptors (benchmarks/results/training.md).
+        The scale embedding stays at N(0, 0.02): PyTorch's N(0, 1) would swamp the descriptors.
+        """
+        projections = {
+            id(m)
+            for m in (*self.local_to_lm.modules(), *self.global_to_lm.modules())
+            if isinstance(m, nn.Linear)
+        }
         for module in self.modules():
-            if isinstance(module, nn.Linear):
+            if id(module) in projections:
+                module.reset_parameters()
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Linear):
                 nn.init.normal_(module.weight, std=INIT_STD)
                 nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
