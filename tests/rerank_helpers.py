@@ -11,7 +11,7 @@ from feature_extractors.base import NUM_META
 from indexing.local_store import LocalBatch
 from indexing.shortlist import Shortlist
 from rerank.base import Database, Queries
-from rerank.locore.model import MODES
+from rerank.locore.model import MODES, build_model
 
 DIM, GLOBAL_DIM, STORED = 8, 6, 6
 
@@ -98,3 +98,11 @@ def collection(num_db=80, num_q=5, seed=0, dim=DIM, gdim=GLOBAL_DIM, stored=STOR
     queries = Queries(global_desc=q_glob, local_rows=q_rows)
     database = Database(global_desc=db_glob, store=ArrayStore(db_rows))
     return queries, Shortlist(ids=ids.astype(np.int64), sims=sims.astype(np.float32)), database
+
+
+def save_micro(path, **dims):
+    """A seeded random 1-layer LoCoRe-micro saved like a real checkpoint folder (``dims``: e.g.
+    ``local_dim``, ``global_dim``, ``num_local`` for a fake release)."""
+    torch.manual_seed(0)
+    build_model("micro", num_layers=1, **dims).save_pretrained(path)
+    return path

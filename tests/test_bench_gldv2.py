@@ -10,7 +10,7 @@ import cv2
 import h5py
 import numpy as np
 import pytest
-import torch
+from rerank_helpers import save_micro
 from test_bench_revisitop import EXTRACTOR, _scene, _view
 
 from benchmarks import revisitop
@@ -19,7 +19,6 @@ from benchmarks.metrics import gldv2_map_at_100
 from engine import cli
 from engine.errors import UserError
 from indexing.local_store import LocalStore
-from rerank.locore.model import build_model
 
 N_DB, CHUNKS, K, DIM, GDIM = 120, (70, 50), 8, 16, 12
 NN = "gldv2-test/nn_dinov2.pkl"  # the official shortlist, relative to the release root
@@ -81,12 +80,9 @@ def fake_release(root):
 @pytest.fixture(scope="module")
 def small_checkpoint(tmp_path_factory):
     """A random micro LoCoRe for the fake release's 16-D locals and 12-D globals."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "micro16"
-    build_model("micro", num_layers=1, local_dim=DIM, global_dim=GDIM, num_local=6).save_pretrained(
-        path
+    return save_micro(
+        tmp_path_factory.mktemp("ckpt") / "micro16", local_dim=DIM, global_dim=GDIM, num_local=6
     )
-    return path
 
 
 def _csv(path):
@@ -235,9 +231,8 @@ def test_raw_images_in_the_cvdf_layout(tmp_path, capsys, monkeypatch):
     original = plots.ranked_grid
     monkeypatch.setattr(plots, "ranked_grid", recording_grid)
     query_order = fake_cvdf(tmp_path / "data")
-    torch.manual_seed(0)
-    ckpt = tmp_path / "ckpt"  # a micro LoCoRe for the default extractor's 112-D/1280-D output
-    build_model("micro", num_layers=1, num_local=8).save_pretrained(ckpt)
+    # a micro LoCoRe for the default extractor's 112-D/1280-D output
+    ckpt = save_micro(tmp_path / "ckpt", num_local=8)
     out = tmp_path / "out"
     argv = [
         "bench", "revisitop", "--dataset", "gldv2-test", "--data-root", str(tmp_path / "data"),

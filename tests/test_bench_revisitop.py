@@ -10,11 +10,11 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from rerank_helpers import save_micro
 
 from benchmarks import revisitop
 from engine import cli
 from engine.errors import UserError
-from rerank.locore.model import build_model
 
 SCENES = 3  # landmarks; each has 2 easy, 1 hard and 1 junk database view and one query
 DISTRACTORS = 3
@@ -67,10 +67,7 @@ def fake_revisited(root, name="roxford5k"):
 @pytest.fixture(scope="module")
 def micro_checkpoint(tmp_path_factory):
     """A random micro LoCoRe saved like a real checkpoint (112-D locals, 1280-D globals)."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "micro"
-    build_model("micro", num_layers=1, num_local=8).save_pretrained(path)
-    return path
+    return save_micro(tmp_path_factory.mktemp("ckpt") / "micro", num_local=8)
 
 
 def _args(data_root, out, checkpoint, *extra):
@@ -203,11 +200,7 @@ def _official_release(root, rng, n_db=10, n_q=2, k=8, dim=16, gdim=12):
 def test_from_official_files_with_a_micro_reranker(tmp_path, capsys):
     rng = np.random.default_rng(1)
     gnd = _official_release(tmp_path / "release", rng)
-    torch.manual_seed(0)
-    ckpt = tmp_path / "ckpt"
-    build_model("micro", num_layers=1, local_dim=16, global_dim=12, num_local=6).save_pretrained(
-        ckpt
-    )
+    ckpt = save_micro(tmp_path / "ckpt", local_dim=16, global_dim=12, num_local=6)
     out = tmp_path / "out"
     argv = [
         "bench", "revisitop", "--dataset", "roxford5k", "--from-official",

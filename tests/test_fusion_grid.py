@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from rerank_helpers import StandInModel, collection
+from rerank_helpers import StandInModel, collection, save_micro
 from test_bench_revisitop import _official_release
 
 from benchmarks import fusion_grid
@@ -17,7 +17,6 @@ from engine import cli
 from engine.errors import UserError
 from engine.evaluate import to_imlist_ranks
 from indexing.shortlist import Shortlist
-from rerank.locore.model import build_model
 from rerank.locore.reranker import LocoreOptions, LocoreReranker
 
 
@@ -150,11 +149,7 @@ def test_a_cache_without_logits_is_a_one_line_user_error(tmp_path):
 
 def test_revisitop_saves_logits_and_takes_the_best_pair_back(tmp_path, capsys):
     _official_release(tmp_path / "release", np.random.default_rng(1))
-    torch.manual_seed(0)
-    ckpt = tmp_path / "ckpt"
-    build_model("micro", num_layers=1, local_dim=16, global_dim=12, num_local=6).save_pretrained(
-        ckpt
-    )
+    ckpt = save_micro(tmp_path / "ckpt", local_dim=16, global_dim=12, num_local=6)
     out = tmp_path / "out"
     argv = [
         "bench", "revisitop", "--dataset", "roxford5k", "--from-official",

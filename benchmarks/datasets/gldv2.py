@@ -18,12 +18,17 @@ Two layouts are read:
 from __future__ import annotations
 
 import csv
-import pickle
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks.datasets.base import RetrievalDataset, check_exist, find_file, read_lines
+from benchmarks.datasets.base import (
+    RetrievalDataset,
+    check_exist,
+    find_file,
+    read_lines,
+    read_pickle,
+)
 from benchmarks.metrics import GLDV2_PUBLIC
 from engine.errors import UserError
 
@@ -96,14 +101,7 @@ def read_ok_gnd(path: Path) -> list[dict]:
     survives JSON (per-query reports, the fusion-grid cache).
     """
     path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            raw = pickle.load(f)
-    except (OSError, pickle.UnpicklingError, EOFError) as err:
-        raise UserError(
-            f"{path} cannot be read as a gnd pickle ({type(err).__name__}); download it again "
-            f"from {AMES_RELEASE}"
-        ) from None
+    raw = read_pickle(path, AMES_RELEASE)
     if not isinstance(raw, dict) or "gnd" not in raw:
         raise UserError(f"{path} has no 'gnd': it is not the gldv2-test ground truth")
     gnd = [{"ok": np.asarray(g["ok"], dtype=np.int64).reshape(-1).tolist()} for g in raw["gnd"]]

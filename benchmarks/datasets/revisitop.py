@@ -15,12 +15,17 @@ Database ids: the imlist order, then (``+1m``) the distractors in list order, as
 from __future__ import annotations
 
 import logging
-import pickle
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks.datasets.base import RetrievalDataset, check_exist, find_file, read_lines
+from benchmarks.datasets.base import (
+    RetrievalDataset,
+    check_exist,
+    find_file,
+    read_lines,
+    read_pickle,
+)
 from engine.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -49,13 +54,7 @@ def read_gnd(path: Path) -> dict:
     container the pickle used (P18), and ids are checked against ``imlist``.
     """
     path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            raw = pickle.load(f)
-    except (OSError, pickle.UnpicklingError, EOFError) as err:
-        raise UserError(
-            f"{path} cannot be read as a gnd pickle ({type(err).__name__}); download it again"
-        ) from None
+    raw = read_pickle(path, PUBLISHED)
     missing = [k for k in ("imlist", "qimlist", "gnd") if not isinstance(raw, dict) or k not in raw]
     if missing:
         raise UserError(f"{path} has no {missing[0]!r}: it is not a Revisited gnd pickle")

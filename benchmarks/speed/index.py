@@ -15,7 +15,7 @@ reference. The store is deleted afterwards unless ``--keep-store``.
 
 Usage (wired as ``locore bench index`` by the CLI, or directly):
     python -m benchmarks.speed.index --n 1000000 --dim 768 --kinds flat ivfpq
-    python -m benchmarks.speed.index --skip-index --store /tmp/locore_store.h5
+    python -m benchmarks.speed.index --skip-index --store SCRATCH/locore_store.h5
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import logging
 import multiprocessing
 import os
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -240,7 +241,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--options", type=json.loads, default={}, help='ivfpq options as JSON: {"nprobe": 64}'
     )
     parser.add_argument("--skip-index", action="store_true", help="only the store part")
-    parser.add_argument("--store", type=Path, default=Path("/tmp/locore_bench_store.h5"))
+    parser.add_argument(
+        "--store",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "locore_bench_store.h5",
+        help="where the test store is written (a disk with room for it; default: the temp dir)",
+    )
     parser.add_argument("--store-images", type=int, default=100_000)
     parser.add_argument("--store-k", type=int, default=100, help="descriptors stored per image")
     parser.add_argument("--store-dim", type=int, default=768)
