@@ -10,8 +10,8 @@ Why one window: with sliding windows (§6.6) each window after the first scores 
 the previous windows' fusion produced, so its logits depend on (α, τ) and no cache can replay
 them; the official code accordingly takes α, τ from the command line in sliding mode. A grid cell
 is therefore exactly what the LoCoRe stage returns with ``sliding=None`` (one window at the top):
-the same junk partition, the same scorer calls, :func:`rerank.fusion.fuse` and the stable
-:func:`rerank.fusion.rank_desc` (ties keep the incoming order).
+the same junk partition, the same scorer calls, :func:`locore.rerank.fusion.fuse` and the stable
+:func:`locore.rerank.fusion.rank_desc` (ties keep the incoming order).
 
 The cache, ``<run>/fusion_logits_<setup>.npz``, is written by ``locore bench revisitop
 --save-logits`` (:func:`cache_logits`); any other benchmark can write one with
@@ -34,16 +34,16 @@ from typing import TYPE_CHECKING
 import numpy as np
 from tqdm.auto import tqdm
 
-from benchmarks.metrics import GLDV2_PUBLIC, evaluate_revisited, gldv2_map_at_100
-from engine.errors import UserError
-from engine.evaluate import to_imlist_ranks
-from rerank.fusion import fuse, rank_desc
+from locore.core.errors import UserError
+from locore.engine.evaluate import to_imlist_ranks
+from locore.engine.metrics import GLDV2_PUBLIC, evaluate_revisited, gldv2_map_at_100
+from locore.rerank.fusion import fuse, rank_desc
 
 if TYPE_CHECKING:
-    from benchmarks.revisitop import Collection, Settings
-    from indexing.shortlist import Shortlist
-    from rerank.base import Database, Queries
-    from rerank.locore.reranker import LocoreReranker
+    from locore.benchmarks.revisitop import Collection, Settings
+    from locore.indexing.shortlist import Shortlist
+    from locore.rerank.base import Database, Queries
+    from locore.rerank.locore.reranker import LocoreReranker
 
 logger = logging.getLogger(__name__)
 
@@ -205,8 +205,8 @@ def window_logits(
         ``(ids [Q, M], sims [Q, M], logits [Q, W], lengths [Q])`` in database-row ids; see
         :class:`FusionCache`.
     """
-    from rerank.locore.reranker import LocoreScorer, rerankable
-    from rerank.sliding import sliding_rerank
+    from locore.rerank.locore.reranker import LocoreScorer, rerankable
+    from locore.rerank.sliding import sliding_rerank
 
     if not hasattr(stage, "model") or not hasattr(stage, "options"):
         raise UserError(f"re-ranking stage {stage.name!r} has no LoCoRe logits to cache")
@@ -244,9 +244,9 @@ def cache_logits(settings: Settings, data: Collection, runs: dict, setup: str = 
     and Hard the grid maximises (§6.5). The stage's input is the previous stage's cached output
     (or the shortlist), exactly what the chain gave it.
     """
-    import rerank
-    from benchmarks.revisitop import cached_stage
-    from indexing.shortlist import Shortlist
+    from locore import rerank
+    from locore.benchmarks.revisitop import cached_stage
+    from locore.indexing.shortlist import Shortlist
 
     stages = settings.stages()
     found = [i for i, (name, _) in enumerate(stages) if name.startswith("locore")]

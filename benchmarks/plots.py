@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.errors import UserError
+from locore.core.errors import UserError
 
 DPI = 100
 LABEL_COLORS: dict[str | None, tuple[int, int, int]] = {

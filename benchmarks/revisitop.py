@@ -3,7 +3,7 @@
 Stages, each cached in ``--out`` and reused on a rerun when its artifact is complete (a
 ``<stage>.done.json`` marker holding the stage's parameters is written after the artifact):
 
-    db/          local store + raw globals of the database (engine.extract; resumes mid-way)
+    db/          local store + raw globals of the database (locore.engine.extract; resumes mid-way)
     queries/     the same for the query images, cropped to their boxes
     index/       the flat global index over the database globals
     shortlist_*  first-stage ranking, ``depth`` columns per query (.npy pair), database rows
@@ -17,7 +17,7 @@ Hard vs Hard* (reference-spec §6.4, supplementary Table B): every chain runs tw
 ``hard`` setup, junk images move out of each shortlist before re-ranking; Medium and Hard are
 read from that run, so easy images take part in re-ranking and are only ignored by the metric
 (Hard). With the ``hard*`` setup, easy images are removed from the shortlist before re-ranking
-as well (Hard*, the easy images removed from the database; ``benchmarks.metrics.rerank_junk``).
+as well (Hard*, the easy images removed from the database; ``locore.engine.metrics.rerank_junk``).
 Without re-ranking the two are equal by construction (the Hard protocol ignores easy images).
 
 GLDv2 (``--dataset gldv2-test``, reference-spec §7.3): mAP@100 of the public (first 379), private
@@ -50,15 +50,17 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from benchmarks.metrics import GLDV2_DEPTH, RERANK_SETUPS, evaluate_revisited, gldv2_map_at_100
-from engine import config as cfg
-from engine.errors import UserError
-from engine.evaluate import to_imlist_ranks
-from indexing.shortlist import Shortlist, read_raw_globals
-from rerank.base import Database, Queries
+from locore.core import config as cfg
+from locore.core.errors import UserError
+from locore.core.layout import GLOBAL_FILE
+from locore.engine.config import PipelineConfig, load_pipeline
+from locore.engine.evaluate import to_imlist_ranks
+from locore.engine.metrics import GLDV2_DEPTH, RERANK_SETUPS, evaluate_revisited, gldv2_map_at_100
+from locore.indexing.shortlist import Shortlist, read_raw_globals
+from locore.rerank.base import Database, Queries
 
 if TYPE_CHECKING:
-    from indexing.local_store import LocalStore
+    from locore.indexing.local_store import LocalStore
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +68,7 @@ DATASETS = ("roxford5k", "rparis6k", "demo", "gldv2-test")
 FULL_DEPTH_LIMIT = 200_000  # databases up to this size are ranked in full by the first stage
 DEFAULT_DEPTH = 1600  # first-stage depth beyond that (the official shortlist length)
 MISSING_IMAGE = np.full((64, 64, 3), 200, np.uint8)  # grid cell of an image we have no file for
-DEMO_SOURCE = "python -c 'from benchmarks.datasets.demo import generate; generate(\"DIR\")'"
+DEMO_SOURCE = "python -c 'from locore.benchmarks.datasets.demo import generate; generate(\"DIR\")'"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -160,10 +162,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run (or resume) the benchmark and print the table."""
-    from engine.commands import load_config
 
     settings = Settings.from_args(args)
-    report = run_benchmark(settings, load_config(args))
+    report = run_benchmark(settings, load_pipeline(args.config, args.overrides))
     print(report.table)
     print(f"\nartifacts in {settings.out}: " + ", ".join(sorted(report.files)))
     return 0
@@ -204,7 +205,7 @@ class Settings:
         sliding = None if args.sliding in ("none", "") else args.sliding
         alpha, temp = args.alpha, args.temp
         if args.fusion_from is not None:
-            from benchmarks.fusion_grid import read_best
+            from locore.benchmarks.fusion_grid import read_best
 
             alpha, temp = read_best(args.fusion_from)
             logger.info("fusion alpha=%g temp=%g from %s", alpha, temp, args.fusion_from)
@@ -316,7 +317,7 @@ class Collection:
 
     def junk_sets(self, setup: str) -> list[set[int]]:
         """Per query, the database rows moved out of the shortlist before re-ranking."""
-        from benchmarks.metrics import rerank_junk
+        from locore.engine.metrics import rerank_junk
 
         table = self.eval_to_row
         out = []
@@ -336,16 +337,16 @@ def invert(row_to_eval: np.ndarray, size: int) -> np.ndarray:
 
 def dataset_files(settings: Settings) -> tuple[dict, list, list]:
     """Ground truth, database items (official order) and query items (with boxes) of a raw-image
-    collection: the public Revisited layouts (``benchmarks.datasets.revisitop``), the GLDv2
+    collection: the public Revisited layouts (``locore.benchmarks.datasets.revisitop``), the GLDv2
     layouts (``benchmarks.datasets.gldv2``) or the demo collection (``gnd_demo.pkl``, ``jpg/``,
     ``queries/``).
 
     The ground truth is ``{"qimlist", "imlist", "gnd"}`` in every case (GLDv2: ``gnd[q] =
     {"ok": ids}``, the names are its image ids or list paths, plus ``"n_public"``).
     """
-    from benchmarks.datasets.base import check_exist, find_file
-    from benchmarks.datasets.revisitop import load_revisitop, read_distractors, read_gnd
-    from engine.extract import Item
+    from locore.benchmarks.datasets.base import check_exist, find_file
+    from locore.benchmarks.datasets.revisitop import load_revisitop, read_distractors, read_gnd
+    from locore.engine.extract import Item
 
     root = Path(settings.data_root)
     if settings.dataset == "demo":
@@ -360,7 +361,7 @@ def dataset_files(settings: Settings) -> tuple[dict, list, list]:
         boxes = [g["bbx"] for g in gt["gnd"]]
         names = list(gt["imlist"])
     elif settings.metric == "gldv2":
-        from benchmarks.datasets.gldv2 import load_gldv2
+        from locore.benchmarks.datasets.gldv2 import load_gldv2
 
         ds = load_gldv2(root)
         gt = {
@@ -386,8 +387,7 @@ def dataset_files(settings: Settings) -> tuple[dict, list, list]:
 
 def _read_rows(folder: Path, names: Sequence[str], num_local: int) -> tuple[np.ndarray, np.ndarray]:
     """Globals ``[n, D]`` and local rows ``[n, L, 5 + D]`` of ``names`` from an extraction."""
-    from engine.extract import read_globals
-    from indexing.local_store import LocalStore
+    from locore.indexing.local_store import LocalStore
 
     with LocalStore(folder / "local.h5") as store:
         position = {n: i for i, n in enumerate(store.names or [])}
@@ -396,17 +396,19 @@ def _read_rows(folder: Path, names: Sequence[str], num_local: int) -> tuple[np.n
             raise UserError(f"{missing[0]} could not be extracted; see {folder / 'skipped.tsv'}")
         ids = np.array([position[n] for n in names], dtype=np.int64)
         dim = os.path.getsize(folder / "global.f32") // (4 * max(len(store), 1))
-        globals_ = np.asarray(read_globals(folder, dim, len(store)))[ids]
+        globals_ = np.asarray(read_raw_globals(folder / GLOBAL_FILE, dim, len(store), prefix=True))[
+            ids
+        ]
         rows = store.rows(ids, min(num_local, store.num_local))
     return globals_, rows
 
 
-def from_images(settings: Settings, config: cfg.PipelineConfig) -> Collection:
+def from_images(settings: Settings, config: PipelineConfig) -> Collection:
     """Extract, index and search a raw-image collection (each stage cached in ``out``)."""
-    from engine.extract import extract, read_globals
-    from engine.pipeline import build_extractor
-    from indexing.global_index import GlobalIndex
-    from indexing.local_store import LocalStore
+    from locore.engine.extract import extract
+    from locore.engine.pipeline import build_extractor
+    from locore.indexing.global_index import GlobalIndex
+    from locore.indexing.local_store import LocalStore
 
     out = settings.out
     gnd, db_items, query_items = dataset_files(settings)
@@ -444,7 +446,7 @@ def from_images(settings: Settings, config: cfg.PipelineConfig) -> Collection:
     with LocalStore(out / "db" / "local.h5") as store:
         db_names = list(store.names or [])
     dim = os.path.getsize(out / "db" / "global.f32") // (4 * max(len(db_names), 1))
-    db_globals = read_globals(out / "db", dim, len(db_names))
+    db_globals = read_raw_globals(out / "db" / GLOBAL_FILE, dim, len(db_names), prefix=True)
     position = {it.name: i for i, it in enumerate(db_items)}
     row_to_eval = np.array([position[n] for n in db_names], dtype=np.int64)
     q_globals, q_rows = _read_rows(out / "queries", qimlist, settings.locore.get("num_local", 48))
@@ -577,7 +579,7 @@ def _chunks(folder: Path, whole: str, patterns: Sequence[str]) -> list[Path]:
 
 def _revisited_release(settings: Settings) -> ReleaseFiles:
     """``<DIR>/<ds>/`` (queries, gnd) and ``<DIR>/<ds>[+1m]/`` (gallery, ``nn_*.pkl``)."""
-    from benchmarks.datasets.revisitop import read_gnd
+    from locore.benchmarks.datasets.revisitop import read_gnd
 
     root, ds, dsx, prefix = (
         Path(settings.from_official),
@@ -602,7 +604,7 @@ def _revisited_release(settings: Settings) -> ReleaseFiles:
 def _gldv2_release(settings: Settings) -> ReleaseFiles:
     """``<DIR>/gldv2-test/`` (queries, gnd, ``nn_*.pkl``; reference-spec §1.1) and
     ``<DIR>/gldv2-index/`` (the gallery, whole or in chunks, §2.9)."""
-    from benchmarks.datasets.gldv2 import GND, public_count, read_list_names, read_ok_gnd
+    from locore.benchmarks.datasets.gldv2 import GND, public_count, read_list_names, read_ok_gnd
 
     root, prefix = Path(settings.from_official), settings.desc_name
     test, index = root / "gldv2-test", root / "gldv2-index"
@@ -633,7 +635,7 @@ RELEASES: dict[str, Callable[[Settings], ReleaseFiles]] = {
 
 def _gallery_store(settings: Settings, paths: list[Path]) -> LocalStore:
     """The gallery's local store; chunks are joined into one virtual store in ``out``."""
-    from indexing.local_store import LocalStore, join_shards
+    from locore.indexing.local_store import LocalStore, join_shards
 
     if len(paths) == 1:
         return LocalStore(paths[0])
@@ -648,11 +650,11 @@ def _gallery_globals(paths: list[Path], dim: int) -> np.ndarray:
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
-def from_official(settings: Settings, config: cfg.PipelineConfig) -> Collection:
+def from_official(settings: Settings, config: PipelineConfig) -> Collection:
     """Open the AMES data release (:data:`RELEASES` says where each benchmark's files lie);
     features are read in place, never copied."""
-    from indexing.global_index import GlobalIndex
-    from indexing.local_store import LocalStore
+    from locore.indexing.global_index import GlobalIndex
+    from locore.indexing.local_store import LocalStore
 
     files = RELEASES[settings.metric](settings)
     gnd = files.gnd
@@ -735,7 +737,7 @@ def rerank_runs(
     stages = settings.stages()
     if not stages:
         return {}
-    from rerank.chain import build_chain
+    from locore.rerank.chain import build_chain
 
     folder = settings.out / "rerank"
     folder.mkdir(parents=True, exist_ok=True)
@@ -780,7 +782,7 @@ def _positives(g: dict) -> np.ndarray:
 
 def _label(eval_id: int, g: dict) -> str:
     """Frame of a result in the grids. From ground-truth ids rather than names
-    (``engine.visualize.label_of`` knows only easy/hard/junk and ``imlist`` names)."""
+    (``locore.benchmarks.visualize.label_of`` knows only easy/hard/junk and ``imlist`` names)."""
     if eval_id in _positives(g):
         return "positive"
     if eval_id in set(g.get("junk", [])):
@@ -987,7 +989,7 @@ class Report:
     files: list[str]
 
 
-def run_benchmark(settings: Settings, config: cfg.PipelineConfig) -> Report:
+def run_benchmark(settings: Settings, config: PipelineConfig) -> Report:
     """All stages (cached), then the table, CSV, per-query JSONL, scatter plot and grids."""
     out = settings.out
     out.mkdir(parents=True, exist_ok=True)
@@ -999,7 +1001,7 @@ def run_benchmark(settings: Settings, config: cfg.PipelineConfig) -> Report:
     try:
         runs = rerank_runs(settings, data)
         if settings.save_logits:
-            from benchmarks.fusion_grid import cache_logits
+            from locore.benchmarks.fusion_grid import cache_logits
 
             cache_logits(settings, data, runs)
     finally:
@@ -1082,7 +1084,7 @@ def _write_reports(
             f.write(json.dumps(record) + "\n")
     files.append("per_query.jsonl")
     if runs:
-        from benchmarks.plots import ap_scatter
+        from locore.benchmarks.plots import ap_scatter
 
         ap_before, ap_after = evaluation.scatter(before, final)
         ap_scatter(
@@ -1128,8 +1130,8 @@ def _grids(
     top 10, framed green/red/grey by ground-truth label."""
     if settings.grids <= 0 or data.query_images is None or data.image_of is None:
         return []
-    from benchmarks.plots import GridRow, ranked_grid
-    from feature_extractors.io import load_image
+    from locore.benchmarks.plots import GridRow, ranked_grid
+    from locore.feature_extractors.io import load_image
 
     evaluation = settings.evaluation
     files = []

@@ -6,7 +6,7 @@ Two numbers per setting: ``compute`` (the batched matrix work of
 array, the compute, and the re-sort), each divided by the number of queries in the batch.
 
 Usage (wired as ``locore bench superglobal`` by the CLI, or directly):
-    python -m benchmarks.superglobal_latency --dims 2048 768 --queries 1 70
+    python -m locore.benchmarks.superglobal_latency --dims 2048 768 --queries 1 70
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from indexing.shortlist import Shortlist
-from rerank.base import Database, Queries
-from rerank.superglobal import SuperGlobalReranker, resolve_device, superglobal_scores
+from locore.core.device import resolve_device
+from locore.indexing.shortlist import Shortlist
+from locore.rerank.base import Database, Queries
+from locore.rerank.superglobal import SuperGlobalReranker, superglobal_scores
 
 
 @dataclasses.dataclass
@@ -130,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m benchmarks.superglobal_latency``."""
+    """``python -m locore.benchmarks.superglobal_latency``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_arguments(parser)
     return run(parser.parse_args(argv))

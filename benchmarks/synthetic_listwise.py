@@ -1,6 +1,6 @@
 """Synthetic proof that LoCoRe uses list context: ``locore bench listwise``.
 
-Lists come from :mod:`rerank.train.synthetic` (easy, transitive and hard cases; see there).
+Lists come from :mod:`locore.rerank.train.synthetic` (easy, transitive and hard cases; see there).
 Three rankings of held-out lists are compared by mAP overall and on transitive positives (easy
 positives left out of the ranking): global-only, a pair-wise model (the same encoder fed one
 query-candidate pair at a time) and LoCoRe, both trained by :func:`rerank.train.loop.train` with
@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.metrics import compute_ap
-from rerank.locore.config import LocoreConfig
-from rerank.locore.model import LocoreInputs, LocoreModel
-from rerank.train.loop import TrainConfig, read_log, train
-from rerank.train.synthetic import (
+from locore.engine.metrics import compute_ap
+from locore.rerank.locore.config import LocoreConfig
+from locore.rerank.locore.model import LocoreInputs, LocoreModel
+from locore.rerank.train.loop import TrainConfig, read_log, train
+from locore.rerank.train.synthetic import (
     EASY,
     TRANSITIVE,
     SyntheticLists,

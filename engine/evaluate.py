@@ -16,15 +16,16 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.errors import UserError
-from engine.pipeline import (
+from locore.core.errors import UserError
+from locore.engine.metrics import evaluate_revisited
+from locore.engine.pipeline import (
     IndexHandle,
     build_extractor,
     extract_queries,
     first_stage,
     rerank_chain,
 )
-from rerank.base import RerankResult
+from locore.rerank.base import RerankResult
 
 PROTOCOLS = ("easy", "medium", "hard")
 
@@ -80,8 +81,6 @@ def evaluate_index(
     handle: IndexHandle, gnd_path: Path, queries_dir: Path, out: Path | None = None
 ) -> EvalReport:
     """Search every ground-truth query (cropped to its box), re-rank, and compute E/M/H mAP."""
-    from benchmarks.metrics import evaluate_revisited
-
     gt = load_gnd(gnd_path)
     imlist = list(gt["imlist"])
     position = {name: i for i, name in enumerate(imlist)}

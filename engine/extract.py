@@ -4,7 +4,7 @@ Any registered extractor plugs in (it only needs ``preprocess`` and ``extract_ba
 decoded and resized by DataLoader workers; same-size inputs are grouped into buckets so the model
 sees full batches even when a collection mixes sizes. Output directory:
 
-    local.h5     local descriptors in our store layout (names inside; indexing.local_store)
+    local.h5     local descriptors in our store layout (names inside; locore.indexing.local_store)
     global.f32   raw float32 ``[N, D]`` global descriptors, row i <-> store row i (the official
                  ``*.pt`` format, reference-spec §1.4)
     skipped.tsv  ``name<TAB>reason`` for every file that could not be used
@@ -26,15 +26,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from engine.errors import UserError
-from feature_extractors.base import Extractor, ImageFeatures
-from feature_extractors.io import load_image
-from indexing.local_store import LocalStoreWriter
+from locore.core.errors import UserError
+from locore.core.layout import GLOBAL_FILE, LOCAL_FILE
+from locore.feature_extractors.base import Extractor, ImageFeatures
+from locore.feature_extractors.io import load_image
+from locore.indexing.local_store import LocalStore, LocalStoreWriter
+from locore.indexing.shortlist import read_raw_globals
 
 logger = logging.getLogger(__name__)
 
-LOCAL_FILE = "local.h5"
-GLOBAL_FILE = "global.f32"
 SKIPPED_FILE = "skipped.tsv"
 
 
@@ -203,15 +203,6 @@ def _append_skipped(path: Path, skipped: list[tuple[str, str]]) -> None:
     path.write_text("".join(f"{n}\t{r}\n" for n, r in known.items()))
 
 
-def read_globals(out_dir: Path, dim: int, count: int) -> np.ndarray:
-    """Memory-map ``global.f32`` as ``[count, dim]`` float32 (read-only)."""
-    path = Path(out_dir) / GLOBAL_FILE
-    expected = count * dim * 4
-    if not path.is_file() or os.path.getsize(path) < expected:
-        raise UserError(f"{path} is missing or shorter than {count} rows; re-run extraction")
-    return np.memmap(path, dtype="<f4", mode="r", shape=(count, dim))
-
-
 def export_official(out_dir: Path, order: Sequence[str], dest: Path, prefix: str) -> list[Path]:
     """Write the official layouts from an extraction folder, rows in ``order`` (list order).
 
@@ -220,8 +211,6 @@ def export_official(out_dir: Path, order: Sequence[str], dest: Path, prefix: str
     compared with official files byte for byte.
     """
     import h5py
-
-    from indexing.local_store import LocalStore
 
     out_dir, dest = Path(out_dir), Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
@@ -235,7 +224,7 @@ def export_official(out_dir: Path, order: Sequence[str], dest: Path, prefix: str
         with h5py.File(local_path, "w") as f:
             f.create_dataset("features", data=store.rows(ids), dtype="float32")
         dim = os.path.getsize(out_dir / GLOBAL_FILE) // (4 * max(len(store), 1))
-        globals_ = read_globals(out_dir, dim, len(store))
+        globals_ = read_raw_globals(out_dir / GLOBAL_FILE, dim, len(store), prefix=True)
     global_path = dest / f"{prefix}_global.pt"
     np.ascontiguousarray(globals_[ids], dtype="<f4").tofile(global_path)
     return [local_path, global_path]

@@ -3,8 +3,8 @@
 An index directory holds everything a search needs:
 
     config.yaml   the merged configuration that built it (extractor options included)
-    local.h5      local descriptors (indexing.local_store), global.f32 global descriptors
-    faiss/        the global index (indexing.global_index) with the id -> name table
+    local.h5      local descriptors (locore.indexing.local_store), global.f32 global descriptors
+    faiss/        the global index (locore.indexing.global_index) with the id -> name table
     skipped.tsv   files that could not be indexed, with the reason
 
 Every function here is called by the CLI and by tests; none prints.
@@ -19,15 +19,19 @@ from pathlib import Path
 
 import numpy as np
 
-from engine import config as cfg
-from engine.errors import UserError
-from engine.extract import ExtractReport, Item, extract, read_globals
-from feature_extractors import Extractor, create
-from feature_extractors.io import list_images, load_image
-from indexing.global_index import GlobalIndex
-from indexing.local_store import LocalStore
-from indexing.shortlist import Shortlist
-from rerank.base import Database, Queries, RerankResult
+from locore.core import config as cfg
+from locore.core.device import resolve_device
+from locore.core.errors import UserError
+from locore.core.layout import GLOBAL_FILE
+from locore.engine.config import ExtractorConfig, PipelineConfig, StageConfig
+from locore.engine.extract import ExtractReport, Item, extract
+from locore.feature_extractors import Extractor, create
+from locore.feature_extractors.io import list_images, load_image
+from locore.indexing.global_index import GlobalIndex
+from locore.indexing.local_store import LocalStore
+from locore.indexing.shortlist import Shortlist, read_raw_globals
+from locore.rerank.base import Database, Queries, RerankResult
+from locore.rerank.chain import build_chain
 
 logger = logging.getLogger(__name__)
 
@@ -35,16 +39,7 @@ CONFIG_FILE = "config.yaml"
 INDEX_SUBDIR = "faiss"
 
 
-def resolve_device(name: str) -> str:
-    """``"auto"`` -> cuda when available, else cpu."""
-    if name != "auto":
-        return name
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def build_extractor(config: cfg.ExtractorConfig) -> Extractor:
+def build_extractor(config: ExtractorConfig) -> Extractor:
     """The configured extractor on the configured device."""
     extractor = create(config.name, **config.options)
     return extractor.to(resolve_device(config.device))
@@ -59,7 +54,7 @@ class IndexSummary:
     extract: ExtractReport
 
 
-def build_index(images: Path, out: Path, config: cfg.PipelineConfig) -> IndexSummary:
+def build_index(images: Path, out: Path, config: PipelineConfig) -> IndexSummary:
     """Extract every file below ``images`` and build the global index in ``out``.
 
     Resumable: names already extracted are skipped; unreadable files are listed in
@@ -99,7 +94,7 @@ def build_index(images: Path, out: Path, config: cfg.PipelineConfig) -> IndexSum
         names = list(store.names)
     if not names:
         raise UserError(f"no image in {images} could be indexed; see {out / 'skipped.tsv'}")
-    globals_ = read_globals(out, extractor.global_dim, len(names))
+    globals_ = read_raw_globals(out / GLOBAL_FILE, extractor.global_dim, len(names), prefix=True)
     index = GlobalIndex.build(extractor.global_dim, kind=config.index.kind, **config.index.options)
     index.train(np.asarray(globals_))
     index.add(np.asarray(globals_), names=names)
@@ -113,7 +108,7 @@ class IndexHandle:
     """An opened index directory."""
 
     directory: Path
-    config: cfg.PipelineConfig
+    config: PipelineConfig
     index: GlobalIndex
     database: Database
     names: list[str]
@@ -129,10 +124,10 @@ def open_index(directory: Path, overrides: Sequence[str] = ()) -> IndexHandle:
     directory = Path(directory)
     if not (directory / CONFIG_FILE).is_file() or not (directory / INDEX_SUBDIR).is_dir():
         raise UserError(f"{directory} is not an index; build one with `locore index`")
-    config = cfg.load(cfg.PipelineConfig, directory / CONFIG_FILE, overrides)
+    config = cfg.load(PipelineConfig, directory / CONFIG_FILE, overrides)
     index = GlobalIndex.load(directory / INDEX_SUBDIR)
     store = LocalStore(directory / "local.h5")
-    globals_ = read_globals(directory, index.dim, len(index))
+    globals_ = read_raw_globals(directory / GLOBAL_FILE, index.dim, len(index), prefix=True)
     return IndexHandle(directory, config, index, Database(globals_, store), list(index.names))
 
 
@@ -170,12 +165,11 @@ def first_stage(handle: IndexHandle, queries: Queries, topk: int) -> Shortlist:
 
 
 def rerank_chain(
-    stages: Sequence[cfg.StageConfig], queries: Queries, shortlist: Shortlist, database: Database
+    stages: Sequence[StageConfig], queries: Queries, shortlist: Shortlist, database: Database
 ) -> RerankResult:
     """Run the configured re-ranking stages in order (identity when there are none)."""
     if not stages:
         return RerankResult(shortlist.ids, shortlist.sims, shortlist.ids)
-    from rerank.chain import build_chain
 
     final, _ = build_chain(stages).run(queries, shortlist, database)
     return final

@@ -6,7 +6,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from engine.pipeline import QueryResult
+from locore.engine.pipeline import QueryResult
 
 
 def result_records(

@@ -5,7 +5,7 @@ Example:
     >>> extractor = feature_extractors.create("efficientnet_lite0", num_local=49)
 """
 
-from feature_extractors.base import Extractor, ImageFeatures, LocalFeatures
-from feature_extractors.registry import available, create
+from locore.feature_extractors.base import Extractor, ImageFeatures, LocalFeatures
+from locore.feature_extractors.registry import available, create
 
 __all__ = ["Extractor", "ImageFeatures", "LocalFeatures", "available", "create"]

@@ -13,7 +13,7 @@ import dataclasses
 import numpy as np
 import torch
 
-NUM_META = 5  # metadata columns in front of every stored descriptor
+from locore.core.layout import NUM_META
 
 
 @dataclasses.dataclass

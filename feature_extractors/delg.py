@@ -2,7 +2,7 @@
 
 Architecture (superglobal-delg-spec §3; state-dict layout in ``cards/DELG.md``):
 
-* backbone: :class:`feature_extractors.resnet.ResNet` under ``backbone.*``; with
+* backbone: :class:`locore.feature_extractors.resnet.ResNet` under ``backbone.*``; with
   ``block3_strides`` (TF DELG's export default) the s3 output is subsampled by 2 and s4 runs at
   stride 1, so local features have stride 32;
 * autoencoder: ``reduce`` 1x1 conv 1024 -> 128 (linear; the local descriptors), ``expand`` 1x1
@@ -29,11 +29,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.errors import UserError
-from feature_extractors.base import Extractor, ImageFeatures, LocalFeatures
-from feature_extractors.detector import Detector
-from feature_extractors.dinov2 import AUTOCAST
-from feature_extractors.preprocess import (
+from locore.core.errors import UserError
+from locore.core.weights import RANDOM, load_state, load_strict
+from locore.feature_extractors.base import Extractor, ImageFeatures, LocalFeatures
+from locore.feature_extractors.detector import Detector
+from locore.feature_extractors.dinov2 import AUTOCAST
+from locore.feature_extractors.preprocess import (
     bgr,
     check_min_side,
     crop_box,
@@ -41,14 +42,13 @@ from feature_extractors.preprocess import (
     normalize_pixels,
     to_pixels,
 )
-from feature_extractors.resnet import (
+from locore.feature_extractors.resnet import (
     BGR_MEAN,
     BGR_STD,
     ResNet,
     bilinear_resize,
     receptive_centres,
 )
-from feature_extractors.weights import RANDOM, load_state, load_strict
 
 logger = logging.getLogger(__name__)
 

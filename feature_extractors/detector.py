@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from feature_extractors.weights import RANDOM, load_state, load_strict
+from locore.core.weights import RANDOM, load_state, load_strict
 
 logger = logging.getLogger(__name__)
 

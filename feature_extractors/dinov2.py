@@ -32,10 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.errors import UserError
-from feature_extractors.base import Extractor, ImageFeatures, LocalFeatures
-from feature_extractors.detector import build_detector
-from feature_extractors.preprocess import (
+from locore.core.errors import UserError
+from locore.core.weights import RANDOM, load_state, load_strict
+from locore.feature_extractors.base import Extractor, ImageFeatures, LocalFeatures
+from locore.feature_extractors.detector import build_detector
+from locore.feature_extractors.preprocess import (
     axis_factor,
     base_scale,
     check_min_side,
@@ -43,7 +44,6 @@ from feature_extractors.preprocess import (
     cv2_resize,
     to_tensor,
 )
-from feature_extractors.weights import RANDOM, load_state, load_strict
 
 logger = logging.getLogger(__name__)
 

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from engine.errors import UserError
-from feature_extractors.base import Extractor, ImageFeatures, LocalFeatures
+from locore.core.errors import UserError
+from locore.feature_extractors.base import Extractor, ImageFeatures, LocalFeatures
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

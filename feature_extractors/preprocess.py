@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 import torch
 
-from engine.errors import UserError
+from locore.core.errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # RGB order
 IMAGENET_STD = (0.229, 0.224, 0.225)

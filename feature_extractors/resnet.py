@@ -38,11 +38,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.errors import UserError
-from feature_extractors.base import Extractor, ImageFeatures, LocalFeatures
-from feature_extractors.detector import build_detector
-from feature_extractors.dinov2 import AUTOCAST
-from feature_extractors.preprocess import (
+from locore.core.errors import UserError
+from locore.core.weights import RANDOM, load_state, load_strict
+from locore.feature_extractors.base import Extractor, ImageFeatures, LocalFeatures
+from locore.feature_extractors.detector import build_detector
+from locore.feature_extractors.dinov2 import AUTOCAST
+from locore.feature_extractors.preprocess import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     bgr,
@@ -52,7 +53,6 @@ from feature_extractors.preprocess import (
     normalize_pixels,
     to_pixels,
 )
-from feature_extractors.weights import RANDOM, load_state, load_strict
 
 logger = logging.getLogger(__name__)
 

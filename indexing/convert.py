@@ -19,8 +19,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from engine.errors import UserError
-from indexing.local_store import NUM_META, LocalStore, LocalStoreWriter
+from locore.core.errors import UserError
+from locore.core.layout import NUM_META
+from locore.indexing.local_store import LocalStore, LocalStoreWriter
 
 logger = logging.getLogger(__name__)
 

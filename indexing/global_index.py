@@ -28,7 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from engine.errors import UserError
+from locore.core.device import resolve_device
+from locore.core.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -80,21 +81,6 @@ def _faiss_gpu() -> bool:
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
-def _resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when torch sees a GPU, else ``cpu``; ``cuda`` without one fails."""
-    if device == "cpu":
-        return device
-    if device not in ("auto", "cuda") and not device.startswith("cuda:"):
-        raise UserError(f"index device {device!r} is not one of cpu, cuda, cuda:N, auto")
-    import torch
-
-    if torch.cuda.is_available():
-        return "cuda" if device == "auto" else device
-    if device == "auto":
-        return "cpu"
-    raise UserError(f"index device {device!r} asked for but no CUDA device is visible")
-
-
 def _nprobe(options: dict) -> int:
     """Lists visited per query: a quarter of them by default (recall@100 >= 0.95, see tests)."""
     return min(options["nlist"], options.get("nprobe") or max(16, options["nlist"] // 4))
@@ -115,7 +101,7 @@ class GlobalIndex:
         if int(dim) < 1:
             raise UserError(f"index dimension must be positive, got {dim}")
         self.dim, self.kind = int(dim), kind
-        self.device = _resolve_device(str(options.pop("device", "cpu")))
+        self.device = str(resolve_device(options.pop("device", "cpu")))
         self.options = dict(options)
         if self.device != "cpu" and kind in ("ivfpq", "hnsw"):
             logger.info("%s index searches on the CPU (only exact kinds use the GPU)", kind)

@@ -38,11 +38,11 @@ from typing import Any
 import h5py
 import numpy as np
 
-from engine.errors import UserError
+from locore.core.errors import UserError
+from locore.core.layout import NUM_META
 
 logger = logging.getLogger(__name__)
 
-NUM_META = 5  # metadata columns in front of every descriptor (reference-spec §1.3)
 FEATURES, NAMES, COMMITTED = "features", "names", "committed"
 LAYOUT = "locore-store-v1"
 DTYPES = {"float16": "<f2", "float32": "<f4"}
@@ -114,7 +114,7 @@ class LocalStoreWriter:
 
     Opening an existing store resumes it: ``names`` lists the committed images, which a caller
     skips. Rows are written as given: callers pass them sorted by weight (what
-    ``LocalFeatures.from_topk`` produces; :mod:`indexing.convert` sorts official files).
+    ``LocalFeatures.from_topk`` produces; :mod:`locore.indexing.convert` sorts official files).
 
     Args:
         path: the ``.h5`` file (created with its parent folder when missing).
@@ -203,7 +203,7 @@ class LocalStoreWriter:
         if stored.get("layout") != LAYOUT or COMMITTED not in self.file:
             raise UserError(
                 f"{self.path} is not a store written by locore (no {LAYOUT!r} layout); "
-                "write to a new file (indexing.convert reads official files)"
+                "write to a new file (locore.indexing.convert reads official files)"
             )
         ds = self.file[FEATURES]
         want = (num_local, NUM_META + dim)

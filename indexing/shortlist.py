@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from engine.errors import UserError
+from locore.core.errors import UserError
 
 SUFFIXES = ("_ids.npy", "_sims.npy")
 
@@ -151,20 +151,29 @@ def read_official(path: Path) -> Shortlist:
     return Shortlist(ids=ids.astype(np.int64), sims=data[0].astype(np.float32))
 
 
-def read_raw_globals(path: Path, dim: int, count: int | None = None) -> np.ndarray:
-    """Memory-map an official raw float32 global file (``*.pt``, headerless ``[N, dim]``).
+def read_raw_globals(
+    path: Path, dim: int, count: int | None = None, *, prefix: bool = False
+) -> np.ndarray:
+    """Memory-map a raw float32 global file (official ``*.pt`` or our ``global.f32``), read-only.
 
     The files store no shape (reference-spec §1.4): ``dim`` is the descriptor size and ``count``,
-    when given (e.g. the matching local store's length), is checked against the file size.
+    when given (e.g. the matching local store's length), is checked against the file size. With
+    ``prefix`` the file may hold more rows than ``count`` (an extraction appends globals before it
+    commits their local rows) and the first ``count`` are returned.
+
+    Returns:
+        ``[N, dim]`` float32 memmap (``N = count`` when given).
     """
     path = Path(path)
     size = path.stat().st_size if path.is_file() else -1
     if size < 0 or size % (4 * dim):
         raise UserError(f"global file {path} is missing or not a multiple of {dim} float32 values")
     n = size // (4 * dim)
-    if count is not None and n != count:
-        raise UserError(f"global file {path} holds {n} descriptors of dim {dim}, not {count}")
-    return np.memmap(path, dtype="<f4", mode="r", shape=(n, dim))
+    if count is not None and (n < count if prefix else n != count):
+        raise UserError(
+            f"global file {path} holds {n} descriptors of dim {dim}, not {count}; re-run extraction"
+        )
+    return np.memmap(path, dtype="<f4", mode="r", shape=(n, dim))[: n if count is None else count]
 
 
 def write_raw_globals(path: Path, x: np.ndarray) -> Path:

@@ -7,16 +7,16 @@ Example:
 
 from typing import Any
 
-from engine.registry import Registry
-from rerank.base import Database, Queries, Reranker, RerankResult
+from locore.core.registry import Registry
+from locore.rerank.base import Database, Queries, Reranker, RerankResult
 
 RERANKERS = Registry(
     "re-ranker",
     {
-        "superglobal": "rerank.superglobal:superglobal",
-        "locore": "rerank.locore.reranker:locore",
+        "superglobal": "locore.rerank.superglobal:superglobal",
+        "locore": "locore.rerank.locore.reranker:locore",
         # the paper's checkpoint (vislang/locore_dinov2_base) is the factory's default
-        "locore_base": "rerank.locore.reranker:locore",
+        "locore_base": "locore.rerank.locore.reranker:locore",
     },
 )
 

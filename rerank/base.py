@@ -1,6 +1,6 @@
 """What every re-ranking stage takes and returns.
 
-A stage reads the previous ranking (a :class:`~indexing.shortlist.Shortlist`: ids and the
+A stage reads the previous ranking (a :class:`~locore.indexing.shortlist.Shortlist`: ids and the
 similarities that produced them) plus the descriptors it needs, and returns a new ranking of the
 same ids. Stages compose in a chain (``rerank.chain``): each stage's ``scores`` become the next
 stage's ``sims``, so LoCoRe's fusion uses the similarities of the ranking it receives.
@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from indexing.local_store import LocalStore
-    from indexing.shortlist import Shortlist
+    from locore.indexing.local_store import LocalStore
+    from locore.indexing.shortlist import Shortlist
 
 
 @dataclasses.dataclass

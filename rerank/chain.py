@@ -14,12 +14,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-import rerank
-from engine.errors import UserError
-from rerank.base import Database, Queries, Reranker, RerankResult
+from locore import rerank
+from locore.core.errors import UserError
+from locore.rerank.base import Database, Queries, Reranker, RerankResult
 
 if TYPE_CHECKING:
-    from indexing.shortlist import Shortlist
+    from locore.indexing.shortlist import Shortlist
 
 logger = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from engine.errors import UserError
+from locore.core.errors import UserError
 
 
 def gather_rows(table: np.ndarray, ids: np.ndarray, what: str = "global descriptors") -> np.ndarray:

@@ -20,8 +20,8 @@ from typing import Protocol
 import numpy as np
 from tqdm.auto import tqdm
 
-from engine.errors import UserError
-from rerank.fusion import fuse, rank_desc
+from locore.core.errors import UserError
+from locore.rerank.fusion import fuse, rank_desc
 
 logger = logging.getLogger(__name__)
 

@@ -32,14 +32,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from engine.errors import UserError
-from rerank.base import Database, Queries, Reranker, RerankResult
-from rerank.fusion import rank_desc
-from rerank.inputs import gather_rows, junk_mask
-from rerank.junk import partition_junk
+from locore.core.device import resolve_device
+from locore.core.errors import UserError
+from locore.rerank.base import Database, Queries, Reranker, RerankResult
+from locore.rerank.fusion import rank_desc
+from locore.rerank.inputs import gather_rows, junk_mask
+from locore.rerank.junk import partition_junk
 
 if TYPE_CHECKING:
-    from indexing.shortlist import Shortlist
+    from locore.indexing.shortlist import Shortlist
 
 logger = logging.getLogger(__name__)
 
@@ -112,13 +113,6 @@ def superglobal_scores(
         # A query without valid entries pools only -inf; mask the NaNs that follow.
         final = final.masked_fill(~valid, float("-inf"))
     return SuperGlobalScores(final, stage_a, refined, refined_query)
-
-
-def resolve_device(device: str) -> torch.device:
-    """``"auto"`` -> cuda when available, else cpu; anything else as given."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 class SuperGlobalReranker(Reranker):

@@ -7,11 +7,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from feature_extractors.base import NUM_META
-from indexing.local_store import LocalBatch
-from indexing.shortlist import Shortlist
-from rerank.base import Database, Queries
-from rerank.locore.model import MODES, build_model
+from locore.core.layout import NUM_META
+from locore.indexing.local_store import LocalBatch
+from locore.indexing.shortlist import Shortlist
+from locore.rerank.base import Database, Queries
+from locore.rerank.locore.model import MODES, build_model
 
 DIM, GLOBAL_DIM, STORED = 8, 6, 6
 

@@ -9,13 +9,14 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from engine import config as cfg
-from engine.cli import main
-from engine.errors import UserError
-from engine.pipeline import build_index, open_index, search
-from feature_extractors.io import ImageError, load_image
+from locore.cli import main
+from locore.core import config as cfg
+from locore.core.errors import UserError
+from locore.engine.config import PipelineConfig
+from locore.engine.pipeline import build_index, open_index, search
+from locore.feature_extractors.io import ImageError, load_image
 
-CONFIG = cfg.load(cfg.PipelineConfig, "demo", ["extractor.options.imsize=128", "search.topk=20"])
+CONFIG = cfg.load(PipelineConfig, "demo", ["extractor.options.imsize=128", "search.topk=20"])
 
 
 def _jpeg(array: np.ndarray, **kwargs) -> bytes:
@@ -84,7 +85,7 @@ def test_empty_folder_and_other_extractor_config(tmp_path, messy):
     with pytest.raises(UserError, match="is empty"):
         build_index(tmp_path / "empty", tmp_path / "index", CONFIG)
     build_index(messy, tmp_path / "index2", CONFIG)
-    other = cfg.load(cfg.PipelineConfig, "demo", ["extractor.options.imsize=160"])
+    other = cfg.load(PipelineConfig, "demo", ["extractor.options.imsize=160"])
     with pytest.raises(UserError, match="another extractor config"):
         build_index(messy, tmp_path / "index2", other)
 

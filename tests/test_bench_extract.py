@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from engine.cli import main
+from locore.cli import main
 
 
 @pytest.mark.parametrize("source", ["tensors", "jpeg"])

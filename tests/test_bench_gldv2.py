@@ -13,12 +13,13 @@ import pytest
 from rerank_helpers import save_micro
 from test_bench_revisitop import EXTRACTOR, _scene, _view
 
-from benchmarks import revisitop
-from benchmarks.datasets.gldv2 import image_path
-from benchmarks.metrics import gldv2_map_at_100
-from engine import cli
-from engine.errors import UserError
-from indexing.local_store import LocalStore
+from locore import cli
+from locore.benchmarks import revisitop
+from locore.benchmarks.datasets.gldv2 import image_path
+from locore.core.errors import UserError
+from locore.engine.config import PipelineConfig
+from locore.engine.metrics import gldv2_map_at_100
+from locore.indexing.local_store import LocalStore
 
 N_DB, CHUNKS, K, DIM, GDIM = 120, (70, 50), 8, 16, 12
 NN = "gldv2-test/nn_dinov2.pkl"  # the official shortlist, relative to the release root
@@ -153,7 +154,7 @@ def test_official_release_chunks_hand_computed_map_reranking_and_fusion_grid(
         from_official=tmp_path / "release",
         locore={"num_local": 6},
     )
-    data = revisitop.from_official(settings, revisitop.cfg.PipelineConfig())
+    data = revisitop.from_official(settings, PipelineConfig())
     data.database.store.close()
     np.testing.assert_array_equal(data.database.global_desc, chunks["global"])
     with LocalStore(out / "dinov2_gallery_local_joined.h5") as store:
@@ -172,7 +173,7 @@ def test_official_release_chunks_hand_computed_map_reranking_and_fusion_grid(
 
 
 def test_missing_files_and_wrong_options_are_named(tmp_path):
-    config = revisitop.cfg.PipelineConfig()
+    config = PipelineConfig()
     official = revisitop.Settings(dataset="gldv2-test", out=tmp_path / "o", from_official=tmp_path)
     with pytest.raises(UserError, match=r"gldv2-test/gnd_gldv2-test\.pkl not found.*AMES"):
         revisitop.run_benchmark(official, config)
@@ -220,7 +221,7 @@ def _write(path, image):
 
 
 def test_raw_images_in_the_cvdf_layout(tmp_path, capsys, monkeypatch):
-    from benchmarks import plots
+    from locore.benchmarks import plots
 
     frames = []
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from benchmarks.speed.index import write_store
-from engine.cli import main
+from locore.benchmarks.speed.index import write_store
+from locore.cli import main
 
 
 def test_bench_index_writes_latency_recall_gather_and_capacity(tmp_path, capsys):

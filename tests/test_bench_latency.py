@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.speed.latency import PeakMemory, StageTiming
-from engine import cli
+from locore import cli
+from locore.benchmarks.speed.latency import PeakMemory, StageTiming
 
 
 def test_latency_reports_every_stage_with_per_100_costs(tmp_path, capsys):

@@ -12,9 +12,10 @@ import pytest
 import torch
 from rerank_helpers import save_micro
 
-from benchmarks import revisitop
-from engine import cli
-from engine.errors import UserError
+from locore import cli
+from locore.benchmarks import revisitop
+from locore.core.errors import UserError
+from locore.engine.config import PipelineConfig
 
 SCENES = 3  # landmarks; each has 2 easy, 1 hard and 1 junk database view and one query
 DISTRACTORS = 3
@@ -137,8 +138,8 @@ def test_end_to_end_from_images_prints_the_table_writes_everything_and_resumes(
     def no_extractor(*_a, **_k):
         raise AssertionError("extractor built on a resumed run")
 
-    monkeypatch.setattr("engine.pipeline.build_extractor", no_extractor)
-    caplog.set_level(logging.INFO, logger="benchmarks.revisitop")
+    monkeypatch.setattr("locore.engine.pipeline.build_extractor", no_extractor)
+    caplog.set_level(logging.INFO, logger="locore.benchmarks.revisitop")
     assert cli.main(args) == 0
     reused = {r.getMessage().split(":")[0] for r in caplog.records if "reusing" in r.getMessage()}
     assert {"stage extract_db", "stage extract_queries", "stage index", "stage shortlist"} <= reused
@@ -241,10 +242,10 @@ def test_from_official_files_with_a_micro_reranker(tmp_path, capsys):
 def test_missing_files_are_named(tmp_path):
     settings = revisitop.Settings(dataset="rparis6k", out=tmp_path / "o", data_root=tmp_path)
     with pytest.raises(UserError, match="gnd_rparis6k.pkl"):
-        revisitop.run_benchmark(settings, revisitop.cfg.PipelineConfig())
+        revisitop.run_benchmark(settings, PipelineConfig())
     official = revisitop.Settings(dataset="roxford5k", out=tmp_path / "o", from_official=tmp_path)
     with pytest.raises(UserError, match="gnd_roxford5k.pkl"):
-        revisitop.run_benchmark(official, revisitop.cfg.PipelineConfig())
+        revisitop.run_benchmark(official, PipelineConfig())
     raw = revisitop.Settings(
         dataset="roxford5k", out=tmp_path / "o", data_root=tmp_path, shortlist="superglobal"
     )
@@ -253,7 +254,7 @@ def test_missing_files_are_named(tmp_path):
 
 
 def test_the_same_command_runs_on_the_demo_collection(tmp_path, micro_checkpoint, capsys):
-    from benchmarks.datasets.demo import DemoSpec, generate
+    from locore.benchmarks.datasets.demo import DemoSpec, generate
 
     spec = DemoSpec(easy=1, hard=1, junk=1, queries=1, train_views=1, distractors=2)
     root = generate(tmp_path / "demo", spec)

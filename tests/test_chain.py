@@ -5,13 +5,13 @@ import pytest
 import rerank_helpers as helpers
 import torch
 
-from engine.config import StageConfig
-from engine.errors import UserError
-from indexing.shortlist import Shortlist
-from rerank.chain import build_chain
-from rerank.locore.model import build_model
-from rerank.locore.reranker import LocoreOptions, LocoreReranker
-from rerank.superglobal import SuperGlobalReranker
+from locore.core.errors import UserError
+from locore.engine.config import StageConfig
+from locore.indexing.shortlist import Shortlist
+from locore.rerank.chain import build_chain
+from locore.rerank.locore.model import build_model
+from locore.rerank.locore.reranker import LocoreOptions, LocoreReranker
+from locore.rerank.superglobal import SuperGlobalReranker
 
 SG = StageConfig("superglobal", {"m": 30, "k": 3, "device": "cpu", "dtype": "float64"})
 

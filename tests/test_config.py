@@ -7,14 +7,15 @@ import dataclasses
 import pytest
 import yaml
 
-from engine import config as cfg
-from engine.errors import UserError
+from locore.core import config as cfg
+from locore.core.errors import UserError
+from locore.engine.config import PipelineConfig, StageConfig
 
 
 def test_defaults_and_preset():
-    default = cfg.load(cfg.PipelineConfig)
+    default = cfg.load(PipelineConfig)
     assert default.search.topk == 400 and default.extractor.name == "efficientnet_lite0"
-    demo = cfg.load(cfg.PipelineConfig, "demo")
+    demo = cfg.load(PipelineConfig, "demo")
     assert demo.search.topk == 100 and demo.extractor.options["num_local"] == 49
     with pytest.raises(dataclasses.FrozenInstanceError):
         demo.search.topk = 5  # type: ignore[misc]
@@ -22,14 +23,14 @@ def test_defaults_and_preset():
 
 def test_overrides_nested_lists_and_types():
     config = cfg.load(
-        cfg.PipelineConfig,
+        PipelineConfig,
         "default",
         ["search.topk=50", "extractor.options.imsize=512", "search.rerank=[{name: superglobal}]"],
     )
     assert config.search.topk == 50
     assert config.extractor.options == {"num_local": 49, "imsize": 512}
-    assert config.search.rerank == (cfg.StageConfig("superglobal", {}),)
-    demo = cfg.load(cfg.PipelineConfig, "demo", ["search.rerank.0.options.checkpoint=runs/mine"])
+    assert config.search.rerank == (StageConfig("superglobal", {}),)
+    demo = cfg.load(PipelineConfig, "demo", ["search.rerank.0.options.checkpoint=runs/mine"])
     (stage,) = demo.search.rerank
     assert stage.options["checkpoint"] == "runs/mine" and stage.options["window"] == 32
 
@@ -51,26 +52,26 @@ def test_overrides_nested_lists_and_types():
 )
 def test_bad_keys_name_the_key_and_the_fix(overrides, message):
     with pytest.raises(UserError, match=None) as err:
-        cfg.load(cfg.PipelineConfig, "default", overrides)
+        cfg.load(PipelineConfig, "default", overrides)
     assert message in str(err.value)
     assert "\n" not in str(err.value)
 
 
 def test_unknown_preset_lists_choices(tmp_path):
     with pytest.raises(UserError, match="choose one of .*'default'.*'demo'"):
-        cfg.load(cfg.PipelineConfig, "nosuchpreset")
+        cfg.load(PipelineConfig, "nosuchpreset")
     bad = tmp_path / "bad.yaml"
     bad.write_text("search: [unclosed")
     with pytest.raises(UserError, match="not valid YAML"):
-        cfg.load(cfg.PipelineConfig, bad)
+        cfg.load(PipelineConfig, bad)
     with pytest.raises(UserError, match="does not exist"):
-        cfg.load(cfg.PipelineConfig, tmp_path / "missing.yaml")
+        cfg.load(PipelineConfig, tmp_path / "missing.yaml")
 
 
 def test_saved_config_round_trips(tmp_path):
     config = cfg.load(
-        cfg.PipelineConfig, "demo", ["search.rerank=[{name: locore, options: {alpha: 0.3}}]"]
+        PipelineConfig, "demo", ["search.rerank=[{name: locore, options: {alpha: 0.3}}]"]
     )
     path = cfg.save(config, tmp_path / "config.yaml")
     assert yaml.safe_load(path.read_text())["search"]["rerank"][0]["options"]["alpha"] == 0.3
-    assert cfg.load(cfg.PipelineConfig, path) == config
+    assert cfg.load(PipelineConfig, path) == config

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from benchmarks.datasets.gldv2 import image_path, load_gldv2
-from benchmarks.datasets.metric_learning import load_cub200, load_inshop, load_sop
-from benchmarks.datasets.revisitop import load_revisitop, read_gnd
-from benchmarks.metrics import evaluate_metric_learning, evaluate_revisited, ranks_from_scores
-from engine.errors import UserError
+from locore.benchmarks.datasets.gldv2 import image_path, load_gldv2
+from locore.benchmarks.datasets.metric_learning import load_cub200, load_inshop, load_sop
+from locore.benchmarks.datasets.revisitop import load_revisitop, read_gnd
+from locore.core.errors import UserError
+from locore.engine.metrics import evaluate_metric_learning, evaluate_revisited, ranks_from_scores
 
 
 def _touch(path: Path, data: bytes = b"") -> Path:

@@ -18,9 +18,9 @@ from extract_helpers import (
 )
 from safetensors.torch import save_file
 
-from engine.errors import UserError
-from feature_extractors import create
-from feature_extractors.delg import Delg
+from locore.core.errors import UserError
+from locore.feature_extractors import create
+from locore.feature_extractors.delg import Delg
 
 _one_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import pickle
 
-from benchmarks.datasets.demo import EVAL_SCENES, TRAIN_SCENES, DemoSpec, generate
+from locore.benchmarks.datasets.demo import EVAL_SCENES, TRAIN_SCENES, DemoSpec, generate
 
 SMALL = DemoSpec(easy=1, hard=1, junk=1, queries=1, train_views=1, distractors=3)
 

@@ -9,8 +9,8 @@ from extract_helpers import detector_state, spec_detector
 from safetensors.torch import save_file
 from torch import nn
 
-from engine.errors import UserError
-from feature_extractors.detector import Detector, NormDetector, build_detector
+from locore.core.errors import UserError
+from locore.feature_extractors.detector import Detector, NormDetector, build_detector
 
 C = 24
 

@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from extract_helpers import detector_state, normalize, one_torch_thread, spec_detector, spec_rows
 from safetensors.torch import save_file
 
-import feature_extractors
-from engine.errors import UserError
-from feature_extractors.dinov2 import hub_position_embedding, vit_tokens
+from locore import feature_extractors
+from locore.core.errors import UserError
+from locore.feature_extractors.dinov2 import hub_position_embedding, vit_tokens
 
 _one_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread)
 

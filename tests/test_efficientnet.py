@@ -8,9 +8,9 @@ import pytest
 import torch
 from skimage import data
 
-import feature_extractors
-from engine.errors import UserError
-from feature_extractors.efficientnet import LOCAL_STRIDE
+from locore import feature_extractors
+from locore.core.errors import UserError
+from locore.feature_extractors.efficientnet import LOCAL_STRIDE
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,8 @@ import torch
 from extract_helpers import one_torch_thread
 from safetensors.torch import save_file
 
-import feature_extractors
-from feature_extractors.io import load_image
+from locore import feature_extractors
+from locore.feature_extractors.io import load_image
 
 _one_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread)
 

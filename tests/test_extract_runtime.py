@@ -6,10 +6,18 @@ import h5py
 import numpy as np
 from skimage import data
 
-from engine.cli import main
-from engine.extract import Item, export_official, extract, parse_shard, read_globals, shard_items
-from feature_extractors import create
-from indexing.local_store import LocalStore
+from locore.cli import main
+from locore.core.layout import GLOBAL_FILE
+from locore.engine.extract import (
+    Item,
+    export_official,
+    extract,
+    parse_shard,
+    shard_items,
+)
+from locore.feature_extractors import create
+from locore.indexing.local_store import LocalStore
+from locore.indexing.shortlist import read_raw_globals
 
 
 def _images(folder):
@@ -39,8 +47,8 @@ def test_resume_gives_the_same_store_and_globals(tmp_path):
         order_a = {n: i for i, n in enumerate(a.names)}
         order_b = {n: i for i, n in enumerate(b.names)}
         names = sorted(order_a)
-        ga = read_globals(tmp_path / "full", 1280, 5)
-        gb = read_globals(tmp_path / "part", 1280, 5)
+        ga = read_raw_globals(tmp_path / "full" / GLOBAL_FILE, 1280, 5, prefix=True)
+        gb = read_raw_globals(tmp_path / "part" / GLOBAL_FILE, 1280, 5, prefix=True)
         for n in names:
             # batches differ between the runs (2 + 3 vs 2 + 2 + 1): equal up to fp16 rounding
             np.testing.assert_allclose(a.rows([order_a[n]]), b.rows([order_b[n]]), atol=2e-3)

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from rerank.fusion import fuse, rank_desc, sigmoid
+from locore.rerank.fusion import fuse, rank_desc, sigmoid
 
 
 def test_fuse_matches_the_formula_by_hand():

@@ -10,14 +10,14 @@ import torch
 from rerank_helpers import StandInModel, collection, save_micro
 from test_bench_revisitop import _official_release
 
-from benchmarks import fusion_grid
-from benchmarks.fusion_grid import FusionCache, grid_search, window_logits
-from benchmarks.metrics import evaluate_revisited
-from engine import cli
-from engine.errors import UserError
-from engine.evaluate import to_imlist_ranks
-from indexing.shortlist import Shortlist
-from rerank.locore.reranker import LocoreOptions, LocoreReranker
+from locore import cli
+from locore.benchmarks import fusion_grid
+from locore.benchmarks.fusion_grid import FusionCache, grid_search, window_logits
+from locore.core.errors import UserError
+from locore.engine.evaluate import to_imlist_ranks
+from locore.engine.metrics import evaluate_revisited
+from locore.indexing.shortlist import Shortlist
+from locore.rerank.locore.reranker import LocoreOptions, LocoreReranker
 
 
 def _wrong_global_right_logits() -> FusionCache:

@@ -9,9 +9,8 @@ import faiss
 import numpy as np
 import pytest
 
-from engine.errors import UserError
-from indexing import global_index
-from indexing.global_index import GlobalIndex, default_m, default_nlist
+from locore.core.errors import UserError
+from locore.indexing.global_index import GlobalIndex, default_m, default_nlist
 
 
 @pytest.fixture(autouse=True)
@@ -246,7 +245,7 @@ def test_bad_vectors_and_options():
         GlobalIndex.build(8, "ivfpq", m=3)
     with pytest.raises(UserError, match="refine"):
         GlobalIndex.build(8, "ivfpq", refine=True)
-    with pytest.raises(UserError, match="not one of cpu"):
+    with pytest.raises(UserError, match="is not a device name"):
         GlobalIndex.build(8, device="tpu")
     ivf = GlobalIndex.build(8, "ivfpq")
     with pytest.raises(UserError, match="not trained"):
@@ -262,4 +261,3 @@ def test_cuda_request_without_a_gpu_is_a_clear_error(monkeypatch):
     with pytest.raises(UserError, match="no CUDA device"):
         GlobalIndex.build(8, device="cuda")
     assert GlobalIndex.build(8, device="auto").device == "cpu"
-    assert global_index._resolve_device("cpu") == "cpu"

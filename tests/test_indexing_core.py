@@ -6,10 +6,10 @@ import h5py
 import numpy as np
 import pytest
 
-from engine.errors import UserError
-from indexing.global_index import GlobalIndex
-from indexing.local_store import LocalStore, LocalStoreWriter
-from indexing.shortlist import Shortlist, read_raw_globals
+from locore.core.errors import UserError
+from locore.indexing.global_index import GlobalIndex
+from locore.indexing.local_store import LocalStore, LocalStoreWriter
+from locore.indexing.shortlist import Shortlist, read_raw_globals
 
 K, D = 6, 8
 

@@ -15,10 +15,10 @@ import h5py
 import numpy as np
 import pytest
 
-from engine.errors import UserError
-from indexing import convert as convert_module
-from indexing.convert import convert, read_image_list, sort_rows
-from indexing.local_store import LocalStore, LocalStoreWriter, join_shards
+from locore.core.errors import UserError
+from locore.indexing import convert as convert_module
+from locore.indexing.convert import convert, read_image_list, sort_rows
+from locore.indexing.local_store import LocalStore, LocalStoreWriter, join_shards
 
 K, D = 6, 8
 W = 5 + D
@@ -254,7 +254,7 @@ CHILD = textwrap.dedent(
     """
     import os, signal, sys
     import numpy as np
-    from indexing.local_store import LocalStoreWriter
+    from locore.indexing.local_store import LocalStoreWriter
 
     path, batches, kill_at, capacity = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
     K, D, B = 6, 8, 4

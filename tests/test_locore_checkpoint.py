@@ -8,9 +8,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from engine.errors import UserError
-from rerank.locore import LocoreConfig, LocoreInputs, LocoreModel, build_model
-from rerank.locore import checkpoint as ckpt
+from locore.core.errors import UserError
+from locore.rerank.locore import LocoreConfig, LocoreInputs, LocoreModel, build_model
+from locore.rerank.locore import checkpoint as ckpt
+from locore.rerank.train.init import init_from_longformer
 
 # A small architecture written with the official key names (reference-spec §4.13).
 SMALL = LocoreConfig(
@@ -284,7 +285,7 @@ def test_init_from_longformer_fixes_the_sep_and_pad_vectors():
 
     source = pretrained(ffn=24)
     model = build_model(SMALL)  # 2 of the 3 layers, 80 position rows
-    ckpt.init_from_longformer(model, source)
+    init_from_longformer(model, source)
     state = model.state_dict()
     lm = "language_model.longformer."
     words = source["longformer.embeddings.word_embeddings.weight"]
@@ -298,4 +299,4 @@ def test_init_from_longformer_fixes_the_sep_and_pad_vectors():
     with pytest.raises(
         UserError, match=r"shape checkpoint vs model \(6\): encoder\.layer\.0\.intermediate"
     ):
-        ckpt.init_from_longformer(model, pretrained(ffn=32))
+        init_from_longformer(model, pretrained(ffn=32))

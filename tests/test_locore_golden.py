@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from rerank.locore import LocoreConfig, LocoreInputs, LocoreModel
-from rerank.locore.model import MODES
+from locore.rerank.locore import LocoreConfig, LocoreInputs, LocoreModel
+from locore.rerank.locore.model import MODES
 
 TOL = 1e-5
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.errors import UserError
-from rerank.locore import LocoreConfig, LocoreInputs, LocoreModel, build_model
-from rerank.locore.attention import Layout, build_plan
-from rerank.locore.model import MODES, recalls
+from locore.core.errors import UserError
+from locore.rerank.locore import LocoreConfig, LocoreInputs, LocoreModel, build_model
+from locore.rerank.locore.attention import Layout, build_plan
+from locore.rerank.locore.model import MODES, recalls
 
 SMALL = LocoreConfig(
     hidden_size=32,

@@ -12,15 +12,15 @@ from rerank_helpers import (
     official_rows,
 )
 
-from engine.errors import UserError
-from feature_extractors.base import NUM_META
-from indexing.local_store import LocalStore, LocalStoreWriter
-from indexing.shortlist import Shortlist
-from rerank.base import Database, Queries
-from rerank.fusion import fuse
-from rerank.locore.model import build_model
-from rerank.locore.reranker import LocoreOptions, LocoreReranker, query_locals
-from rerank.sliding import STRATEGIES
+from locore.core.errors import UserError
+from locore.core.layout import NUM_META
+from locore.indexing.local_store import LocalStore, LocalStoreWriter
+from locore.indexing.shortlist import Shortlist
+from locore.rerank.base import Database, Queries
+from locore.rerank.fusion import fuse
+from locore.rerank.locore.model import build_model
+from locore.rerank.locore.reranker import LocoreOptions, LocoreReranker, query_locals
+from locore.rerank.sliding import STRATEGIES
 
 
 def reranker(model=None, **options):

@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from benchmarks.metrics import (
+from locore.core.errors import UserError
+from locore.engine.metrics import (
     PROTOCOLS,
     compute_ap,
     compute_map,
@@ -23,7 +24,6 @@ from benchmarks.metrics import (
     rerank_junk,
     revisited_protocols,
 )
-from engine.errors import UserError
 
 
 def _ap(column, ok, junk=(), **kw) -> float:

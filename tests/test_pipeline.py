@@ -6,11 +6,12 @@ import json
 
 import pytest
 
-from benchmarks.datasets.demo import DemoSpec, generate
-from engine import config as cfg
-from engine.cli import main
-from engine.evaluate import evaluate_index, load_gnd
-from engine.pipeline import build_index, open_index, search
+from locore.benchmarks.datasets.demo import DemoSpec, generate
+from locore.cli import main
+from locore.core import config as cfg
+from locore.engine.config import PipelineConfig
+from locore.engine.evaluate import evaluate_index, load_gnd
+from locore.engine.pipeline import build_index, open_index, search
 
 SPEC = DemoSpec(easy=2, hard=1, junk=1, queries=1, train_views=1, distractors=8)
 
@@ -19,7 +20,7 @@ SPEC = DemoSpec(easy=2, hard=1, junk=1, queries=1, train_views=1, distractors=8)
 def demo_index(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
     collection = generate(root / "collection", SPEC)
-    config = cfg.load(cfg.PipelineConfig, "demo", ["search.rerank=[]"])
+    config = cfg.load(PipelineConfig, "demo", ["search.rerank=[]"])
     build_index(collection / "jpg", root / "index", config)
     return collection, root / "index"
 
@@ -88,7 +89,7 @@ def test_cli_search_writes_jsonl_and_grid(demo_index, tmp_path, capsys):
 def test_demo_reranker_changes_ranks(demo_index, tmp_path):
     """The committed demo checkpoint re-ranks through the configured chain."""
     collection, index_dir = demo_index
-    demo = cfg.load(cfg.PipelineConfig, "demo")
+    demo = cfg.load(PipelineConfig, "demo")
     stage = demo.search.rerank[0]
     assert stage.name == "locore"
     options = {**stage.options, "topk": 16, "window": 8, "stride": 4}

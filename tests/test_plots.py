@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from benchmarks.plots import (
+from locore.benchmarks.plots import (
     BOX_COLOR,
     LABEL_COLORS,
     QUERY_COLOR,
@@ -20,7 +20,7 @@ from benchmarks.plots import (
     ap_scatter,
     ranked_grid,
 )
-from engine.errors import UserError
+from locore.core.errors import UserError
 
 RNG = np.random.default_rng(0)
 

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from engine.errors import UserError
-from feature_extractors.detector import NormDetector
-from feature_extractors.dinov2 import DinoV2Extractor, build_vit
-from feature_extractors.preprocess import (
+from locore.core.errors import UserError
+from locore.feature_extractors.detector import NormDetector
+from locore.feature_extractors.dinov2 import DinoV2Extractor, build_vit
+from locore.feature_extractors.preprocess import (
     axis_factor,
     base_scale,
     crop_box,

@@ -24,9 +24,11 @@ from extract_helpers import (
     spec_rows,
 )
 
-from engine.errors import UserError
-from feature_extractors import create
-from feature_extractors.resnet import (
+from locore.core.errors import UserError
+from locore.core.layout import GLOBAL_FILE
+from locore.core.weights import load_strict
+from locore.feature_extractors import create
+from locore.feature_extractors.resnet import (
     CVNET_SCALES,
     ResNet,
     backbone_state,
@@ -35,7 +37,7 @@ from feature_extractors.resnet import (
     regional_gem,
     scale_gem,
 )
-from feature_extractors.weights import load_strict
+from locore.indexing.shortlist import read_raw_globals
 
 _one_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread)
 
@@ -190,10 +192,9 @@ def test_superglobal_rejects_images_too_small_for_its_padding(checkpoint):
 
 def test_registered_names_extract_through_the_cli(checkpoint, tmp_path):
     """``locore extract`` reaches the ResNet family by name: 1024-D rows, 2048-D globals."""
-    import feature_extractors
-    from engine.cli import main
-    from engine.extract import read_globals
-    from indexing.local_store import LocalStore
+    from locore import feature_extractors
+    from locore.cli import main
+    from locore.indexing.local_store import LocalStore
 
     names = {"cvnet_r50", "cvnet_r101", "superglobal_r50", "superglobal_r101", "delg_r50"}
     assert names <= set(feature_extractors.available())
@@ -214,5 +215,5 @@ def test_registered_names_extract_through_the_cli(checkpoint, tmp_path):
     assert main(args) == 0
     with LocalStore(tmp_path / "o" / "local.h5") as store:
         assert store.rows([0]).shape == (1, 20, 5 + 1024)
-    globals_ = read_globals(tmp_path / "o", 2048, 2)
+    globals_ = read_raw_globals(tmp_path / "o" / GLOBAL_FILE, 2048, 2, prefix=True)
     np.testing.assert_allclose(np.linalg.norm(globals_, axis=1), 1, atol=1e-5)

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from engine.errors import UserError
-from indexing.shortlist import Shortlist, read_raw_globals, write_raw_globals
+from locore.core.errors import UserError
+from locore.indexing.shortlist import Shortlist, read_raw_globals, write_raw_globals
 
 IDS = np.array([[3, 1, 2, 0], [0, 2, 1, -1]])
 SIMS = np.array([[0.9, 0.5, 0.1, 0.0], [0.8, 0.7, 0.2, -np.inf]], np.float32)

@@ -5,8 +5,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.errors import UserError
-from rerank.sliding import STRATEGIES, sliding_rerank, window_starts
+from locore.core.errors import UserError
+from locore.rerank.sliding import STRATEGIES, sliding_rerank, window_starts
 
 
 def official_starts(strategy: str, k: int, w: int, s: int) -> list[int]:

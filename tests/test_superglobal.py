@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-import rerank
-from engine.errors import UserError
-from indexing.shortlist import Shortlist
-from rerank.base import Database, Queries
-from rerank.superglobal import SuperGlobalReranker, superglobal_scores
+from locore import rerank
+from locore.core.errors import UserError
+from locore.indexing.shortlist import Shortlist
+from locore.rerank.base import Database, Queries
+from locore.rerank.superglobal import SuperGlobalReranker, superglobal_scores
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.synthetic_listwise import mean_ap, run_benchmark
-from rerank.train.synthetic import (
+from locore.benchmarks.synthetic_listwise import mean_ap, run_benchmark
+from locore.rerank.train.synthetic import (
     COMPANION,
     EASY,
     HARD,

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from train_helpers import K, N, write_features
 
-from engine.errors import UserError
-from indexing.shortlist import Shortlist
-from rerank.train.data import (
+from locore.core.errors import UserError
+from locore.indexing.shortlist import Shortlist
+from locore.rerank.train.data import (
     DataConfig,
     ListDataset,
     nearest_neighbours,

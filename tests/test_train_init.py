@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import LongformerConfig, LongformerModel, RobertaConfig, RobertaModel
 
-from engine.errors import UserError
-from rerank.locore.model import build_model
-from rerank.train.init import init_model
+from locore.core.errors import UserError
+from locore.rerank.locore.model import build_model
+from locore.rerank.train.init import init_model
 
 SHAPE = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
 
@@ -57,7 +57,7 @@ def test_pretrained_init_copies_weights_extends_positions_and_sets_sep(tmp_path,
 
 def test_init_layers_keeps_the_first_layers(tmp_path):
     folder, source = _save(tmp_path, "longformer")
-    from rerank.train.init import init_model as init
+    from locore.rerank.train.init import init_model as init
 
     model = init("micro", str(folder), layers=1)
     assert model.config.num_layers == 1

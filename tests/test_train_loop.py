@@ -9,12 +9,12 @@ import pytest
 import torch
 from train_helpers import K, write_features
 
-from engine import cli
-from engine import config as cfg
-from engine.errors import UserError
-from rerank.locore.model import LocoreModel, build_model
-from rerank.train.data import DataConfig, ListDataset
-from rerank.train.loop import TrainConfig, enable_gradient_checkpointing, read_log, train
+from locore import cli
+from locore.core import config as cfg
+from locore.core.errors import UserError
+from locore.rerank.locore.model import LocoreModel, build_model
+from locore.rerank.train.data import DataConfig, ListDataset
+from locore.rerank.train.loop import TrainConfig, enable_gradient_checkpointing, read_log, train
 
 SMALL = {"num_layers": 1, "dropout": 0.0}
 

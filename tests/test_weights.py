@@ -10,8 +10,8 @@ import torch
 from huggingface_hub.errors import EntryNotFoundError
 from safetensors.torch import save_file
 
-from engine.errors import UserError
-from feature_extractors import weights
+from locore.core import weights
+from locore.core.errors import UserError
 
 
 @pytest.fixture

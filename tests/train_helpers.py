@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from indexing.local_store import LocalStoreWriter
+from locore.indexing.local_store import LocalStoreWriter
 
 N, K, DL, DG = 12, 8, 112, 1280  # images, locals, micro preset widths (efficientnet_lite0)
 

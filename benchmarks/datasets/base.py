@@ -15,7 +15,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from engine.errors import UserError
+from locore.core.errors import UserError
+from locore.feature_extractors.io import load_image
+from locore.feature_extractors.preprocess import crop_box
 
 Box = tuple[float, float, float, float]  # x1, y1, x2, y2 in 0-based pixels
 
@@ -87,9 +89,6 @@ class RetrievalDataset:
         Extractors that scale by the full image size (the official ones) need the full image
         plus the box instead: use :meth:`iter_queries`.
         """
-        from feature_extractors.io import load_image
-        from feature_extractors.preprocess import crop_box
-
         image = load_image(self.queries[q])
         return crop_box(image, self.boxes[q]) if crop else image
 

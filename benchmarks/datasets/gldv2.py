@@ -22,15 +22,15 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.datasets.base import (
+from locore.benchmarks.datasets.base import (
     RetrievalDataset,
     check_exist,
     find_file,
     read_lines,
     read_pickle,
 )
-from benchmarks.metrics import GLDV2_PUBLIC
-from engine.errors import UserError
+from locore.core.errors import UserError
+from locore.engine.metrics import GLDV2_PUBLIC
 
 CVDF = "https://github.com/cvdfoundation/google-landmark"
 SOLUTION_URL = "https://s3.amazonaws.com/google-landmark/ground_truth/retrieval_solution_v2.1.csv"

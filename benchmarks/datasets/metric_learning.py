@@ -9,7 +9,7 @@
 * CUB-200-2011: ``images.txt`` (``<id> <path>``) and ``image_class_labels.txt`` (``<id> <class>``),
   images under ``images/``. Classes 1-100 train, 101-200 test (5,924 images, self excluded).
 
-Recall@K ks per dataset: ``benchmarks.metrics.RECALL_KS`` (keyed by the dataset names here).
+Recall@K ks per dataset: ``locore.engine.metrics.RECALL_KS`` (keyed by the dataset names here).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.datasets.base import RetrievalDataset, check_exist, find_file, read_lines
-from engine.errors import UserError
+from locore.benchmarks.datasets.base import RetrievalDataset, check_exist, find_file, read_lines
+from locore.core.errors import UserError
 
 SOP_URL = "https://cvgl.stanford.edu/projects/lifted_struct/"
 INSHOP_URL = "http://mmlab.ie.cuhk.edu.hk/projects/DeepFashion/InShopRetrieval.html"

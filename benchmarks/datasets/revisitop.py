@@ -19,14 +19,14 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.datasets.base import (
+from locore.benchmarks.datasets.base import (
     RetrievalDataset,
     check_exist,
     find_file,
     read_lines,
     read_pickle,
 )
-from engine.errors import UserError
+from locore.core.errors import UserError
 
 logger = logging.getLogger(__name__)
 

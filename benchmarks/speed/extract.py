@@ -5,7 +5,7 @@ Two sources:
 * ``tensors``: ``extract_batch`` on already decoded, resized and normalised inputs on the device
   (a 1024 x 768 photo at ``--imsize`` 770 -> 770 x 574 for DINOv2, 55 x 41 = 2,255 patches),
   including the top-K selection and the copy of the rows to the host; the GPU-bound number.
-* ``jpeg``: end to end from JPEG files through the extraction runtime (:func:`engine.extract.
+* ``jpeg``: end to end from JPEG files through the extraction runtime (:func:`locore.engine.extract.
   extract`: DataLoader decode + resize workers, size buckets, model, local store and global file
   writes) into a temporary folder.
 
@@ -14,7 +14,7 @@ random detector where the model has one): nothing is downloaded. A warm-up pass 
 batches) runs first; CUDA timings are synchronised.
 
 Usage (wired as ``locore bench extract`` by the CLI, or directly):
-    python -m benchmarks.speed.extract --model dinov2_vitb14_reg --batch 32 --dtype bf16 \
+    python -m locore.benchmarks.speed.extract --model dinov2_vitb14_reg --batch 32 --dtype bf16 \
         --source tensors --count 512
 """
 
@@ -33,7 +33,10 @@ import cv2
 import numpy as np
 import torch
 
-from engine.errors import UserError
+from locore.core.device import resolve_device
+from locore.core.errors import UserError
+from locore.engine.extract import Item, extract
+from locore.feature_extractors.registry import EXTRACTORS
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +52,6 @@ def synthetic_photo(seed: int, shape: tuple[int, int] = PHOTO) -> np.ndarray:
 
 def build(model: str, dtype: str, imsize: int | None, device: str, weights: str, detector: str):
     """Extractor (random weights unless given) with only the options its factory accepts."""
-    from feature_extractors.registry import EXTRACTORS
-
     params = inspect.signature(EXTRACTORS.factory(model)).parameters
     wanted = {"weights": weights, "detector": detector, "dtype": dtype, "imsize": imsize}
     options = {k: v for k, v in wanted.items() if k in params and v is not None}
@@ -108,8 +109,6 @@ def drift(extractor, batch: int) -> dict[str, float]:
 
 def time_jpeg(extractor, batch: int, count: int, warmup: int, workers: int) -> tuple[int, float]:
     """(images, seconds) of the extraction runtime on ``count`` JPEG files."""
-    from engine.extract import Item, extract
-
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         items = []
@@ -148,9 +147,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Measure one setting and print it as a markdown table row."""
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = str(resolve_device(args.device))
     if args.threads:
         torch.set_num_threads(args.threads)
     extractor = build(args.model, args.dtype, args.imsize, device, args.weights, args.detector)

@@ -14,8 +14,8 @@ same ids again), with :meth:`LocalStore.gather` and with a naive per-image h5py 
 reference. The store is deleted afterwards unless ``--keep-store``.
 
 Usage (wired as ``locore bench index`` by the CLI, or directly):
-    python -m benchmarks.speed.index --n 1000000 --dim 768 --kinds flat ivfpq
-    python -m benchmarks.speed.index --skip-index --store SCRATCH/locore_store.h5
+    python -m locore.benchmarks.speed.index --n 1000000 --dim 768 --kinds flat ivfpq
+    python -m locore.benchmarks.speed.index --skip-index --store SCRATCH/locore_store.h5
 """
 
 from __future__ import annotations
@@ -33,6 +33,9 @@ from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
+
+from locore.indexing.global_index import GlobalIndex
+from locore.indexing.local_store import LocalStore, LocalStoreWriter
 
 logger = logging.getLogger(__name__)
 
@@ -84,8 +87,6 @@ def measure_index(
     kind: str, n: int, dim: int, k: int, batches: list[int], repeats: int, options: dict, seed: int
 ) -> dict:
     """Build one index and time it (runs in a fresh process)."""
-    from indexing.global_index import GlobalIndex
-
     x, q = synthetic(n, dim, max(batches), seed)
     before = rss_mib()
     start = time.perf_counter()
@@ -139,8 +140,6 @@ def drop_page_cache() -> bool:
 
 def write_store(path: Path, images: int, num_local: int, dim: int, seed: int) -> float:
     """A float16 store of random rows; returns the seconds it took."""
-    from indexing.local_store import LocalStoreWriter
-
     rng = np.random.default_rng(seed)
     start = time.perf_counter()
     batch = 1000
@@ -160,8 +159,6 @@ def measure_gather(
 ) -> dict:
     """Time ``gather`` images x ``num_local`` rows with each method in ``names``."""
     import h5py
-
-    from indexing.local_store import LocalStore
 
     rng = np.random.default_rng(seed)
     result: dict = {"cold_dropped": drop_page_cache()}
@@ -206,8 +203,6 @@ def measure_gather(
 
 def store_matches(path: Path, args: argparse.Namespace) -> bool:
     """Whether ``path`` is a finished store of the requested images, rows and width (reusable)."""
-    from indexing.local_store import LocalStore
-
     try:
         with LocalStore(path) as store:
             shape = (len(store), store.num_local, store.dim)

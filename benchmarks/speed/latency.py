@@ -35,6 +35,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from locore.core.device import resolve_device
+from locore.engine.config import load_pipeline
+from locore.engine.pipeline import build_extractor
+from locore.indexing.global_index import GlobalIndex
+from locore.indexing.local_store import LocalStore, LocalStoreWriter
+from locore.indexing.shortlist import Shortlist
+from locore.rerank.base import Database, Queries
+from locore.rerank.locore.model import build_model
+from locore.rerank.locore.reranker import LocoreOptions, LocoreReranker
+from locore.rerank.sliding import window_starts
+from locore.rerank.superglobal import SuperGlobalReranker
+
 logger = logging.getLogger(__name__)
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
@@ -131,8 +143,6 @@ def _unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
 
 def _store(path: Path, rng: np.random.Generator, n: int, k: int, dim: int, dtype: str):
     """An HDF5 local store of ``n`` random images written with the real writer."""
-    from indexing.local_store import LocalStore, LocalStoreWriter
-
     with LocalStoreWriter(path, num_local=k, dim=dim, dtype=dtype) as writer:
         for lo in range(0, n, 256):
             m = min(256, n - lo)
@@ -145,14 +155,6 @@ def _store(path: Path, rng: np.random.Generator, n: int, k: int, dim: int, dtype
 
 def measure(args: argparse.Namespace, extractor_config) -> tuple[list[StageTiming], dict]:
     """Every stage of one query; returns the timings and a description of the setup."""
-    from engine.pipeline import build_extractor, resolve_device
-    from indexing.global_index import GlobalIndex
-    from indexing.shortlist import Shortlist
-    from rerank.base import Database, Queries
-    from rerank.locore.model import build_model
-    from rerank.locore.reranker import LocoreOptions, LocoreReranker
-    from rerank.superglobal import SuperGlobalReranker
-
     device = torch.device(resolve_device(args.device))
     rng = np.random.default_rng(0)
     timings = []
@@ -224,7 +226,6 @@ def measure(args: argparse.Namespace, extractor_config) -> tuple[list[StageTimin
                 dtype=args.dtype,
             )
             stage = LocoreReranker(model, options)
-            from rerank.sliding import window_starts
 
             windows = len(window_starts(sliding, topk, args.window, args.stride))
             timings.append(
@@ -305,9 +306,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Measure, print the table and write the JSON."""
-    from engine.commands import load_config
 
-    config = load_config(args)
+    config = load_pipeline(args.config, args.overrides)
     timings, setup = measure(args, config.extractor)
     table = format_table(timings, setup)
     print(table)

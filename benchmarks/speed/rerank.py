@@ -11,7 +11,7 @@ locals, the official 5,050-token layout); no checkpoint and no data are needed. 
 Latency is the median of the timed calls divided by the batch (milliseconds per list).
 
 Usage (wired as ``locore bench rerank`` by the CLI, or directly):
-    python -m benchmarks.speed.rerank --variant tiny --backend both --dtype fp32 --batch 1 8
+    python -m locore.benchmarks.speed.rerank --variant tiny --backend both --dtype fp32 --batch 1 8
 """
 
 from __future__ import annotations
@@ -31,6 +31,9 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
+
+from locore.core.device import resolve_device
+from locore.rerank.locore import LocoreInputs, build_model
 
 logger = logging.getLogger(__name__)
 
@@ -71,8 +74,6 @@ class Result:
 
 def random_inputs(config, batch: int, gallery: int, n: int, device: torch.device, seed: int):
     """Random descriptors in the official layout with ~10 % padded locals."""
-    from rerank.locore import LocoreInputs
-
     gen = torch.Generator().manual_seed(seed)
 
     def randn(*shape: int) -> torch.Tensor:
@@ -92,8 +93,6 @@ def random_inputs(config, batch: int, gallery: int, n: int, device: torch.device
 
 def measure(setting: Setting) -> Result:
     """Time ``setting`` in this process (call it in a fresh one for a clean memory peak)."""
-    from rerank.locore import build_model
-
     if setting.threads:
         torch.set_num_threads(setting.threads)
     device = torch.device(setting.device)
@@ -202,9 +201,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Measure every setting, print a side-by-side markdown table and write the JSON rows."""
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = str(resolve_device(args.device))
     backends = ["hf", "fast"] if args.backend == "both" else [args.backend]
     settings = [
         Setting(
@@ -287,7 +284,7 @@ def _table(settings: list[Setting], results: dict, backends: list[str]) -> list[
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m benchmarks.speed.rerank``."""
+    """``python -m locore.benchmarks.speed.rerank``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_arguments(parser)
     return run(parser.parse_args(argv))

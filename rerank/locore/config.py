@@ -13,8 +13,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from engine import config as engine_config
-from engine.errors import UserError
+from locore.core import config as config_io
+from locore.core.errors import UserError
+from locore.core.resources import CONFIG_ROOT
 
 BACKENDS = ("fast", "hf")
 ACTIVATIONS = ("relu", "gelu", "tanh")
@@ -125,7 +126,7 @@ class LocoreConfig:
     def from_yaml(cls, name_or_path: str | Path) -> LocoreConfig:
         """A preset name (``micro`` = ``locore_micro`` in ``configs/rerankers/``) or YAML path."""
         path = preset_path(name_or_path)
-        return from_mapping(engine_config.read_yaml(path), str(path))
+        return from_mapping(config_io.read_yaml(path), str(path))
 
     @classmethod
     def from_json(cls, source: str | Path | Mapping) -> LocoreConfig:
@@ -176,7 +177,7 @@ class LocoreConfig:
 def from_mapping(data: Mapping[str, Any], where: str) -> LocoreConfig:
     """Validated :class:`LocoreConfig` from a mapping; unknown keys name the valid ones."""
     try:
-        return engine_config.from_dict(LocoreConfig, data)
+        return config_io.from_dict(LocoreConfig, data)
     except UserError as err:
         raise UserError(f"{where}: {err}") from None
 
@@ -184,14 +185,14 @@ def from_mapping(data: Mapping[str, Any], where: str) -> LocoreConfig:
 def preset_path(name_or_path: str | Path) -> Path:
     """YAML file of a preset name (``tiny`` and ``locore_tiny`` both work) or a path."""
     text = str(name_or_path)
-    root = engine_config.CONFIG_ROOT / "rerankers"
+    root = CONFIG_ROOT / "rerankers"
     if not text.endswith((".yaml", ".yml")) and not Path(text).exists():
         for candidate in (f"locore_{text}", text):
             if (root / f"{candidate}.yaml").is_file():
                 return root / f"{candidate}.yaml"
         names = sorted(p.stem.removeprefix("locore_") for p in root.glob("locore_*.yaml"))
         raise UserError(f"unknown locore preset {text!r}; choose one of {names} or a YAML path")
-    return engine_config.resolve_path(name_or_path, "rerankers")
+    return config_io.resolve_path(name_or_path, "rerankers")
 
 
 def _read_json(source: str | Path | Mapping) -> dict:

@@ -8,7 +8,7 @@ The module tree uses the official state-dict names (``language_model.longformer.
 .attention.self.query`` ...), so the released checkpoint loads 1:1 and both attention backends
 share the same parameters:
 
-* ``fast`` (default): our exact implementation in :mod:`rerank.locore.attention`;
+* ``fast`` (default): our exact implementation in :mod:`locore.rerank.locore.attention`;
 * ``hf``: transformers' ``LongformerEncoder`` layers, wired onto the same modules; the reference
   semantics, slow (chunked attention, host syncs every layer).
 """
@@ -23,9 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from engine.errors import UserError
-from rerank.locore.attention import AttentionPlan, Layout, build_plan, longformer_attention
-from rerank.locore.config import BACKENDS, LocoreConfig
+from locore.core.errors import UserError
+from locore.rerank.locore import checkpoint
+from locore.rerank.locore.attention import AttentionPlan, Layout, build_plan, longformer_attention
+from locore.rerank.locore.config import BACKENDS, LocoreConfig
 
 logger = logging.getLogger(__name__)
 
@@ -301,15 +302,16 @@ class LocoreModel(nn.Module):
                 :class:`LocoreConfig` or a JSON/YAML path; default: the base model).
             dtype: optional parameter dtype (checkpoints are float32).
         """
-        from rerank.locore import checkpoint
-
-        return checkpoint.load(name_or_path, backend, device, config, dtype)
+        found, tensors = checkpoint.load(name_or_path, config)
+        with torch.device("meta"):
+            model = cls(found.replace(backend=backend))
+        checkpoint.check_keys(model.state_dict(), tensors, name_or_path)
+        model.load_state_dict(tensors, strict=True, assign=True)
+        return model.to(device=device, dtype=dtype).eval()
 
     def save_pretrained(self, directory: str | Path) -> None:
         """Write ``model.safetensors`` (official key names) and our ``config.json``."""
-        from rerank.locore import checkpoint
-
-        checkpoint.save(self, Path(directory))
+        checkpoint.save(self.state_dict(), self.config, Path(directory))
 
     # -- forward ------------------------------------------------------------------------------
     def forward(self, inputs: LocoreInputs, backend: str | None = None) -> LocoreOutput:

@@ -28,17 +28,17 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from engine.errors import UserError
-from feature_extractors.base import NUM_META
-from rerank.base import Database, Queries, Reranker, RerankResult
-from rerank.inputs import gather_rows, junk_mask
-from rerank.junk import partition_junk
-from rerank.locore.model import MODES, LocoreInputs, LocoreModel
-from rerank.sliding import sliding_rerank, window_starts
-from rerank.superglobal import resolve_device
+from locore.core.device import resolve_device
+from locore.core.errors import UserError
+from locore.core.layout import NUM_META
+from locore.rerank.base import Database, Queries, Reranker, RerankResult
+from locore.rerank.inputs import gather_rows, junk_mask
+from locore.rerank.junk import partition_junk
+from locore.rerank.locore.model import MODES, LocoreInputs, LocoreModel
+from locore.rerank.sliding import sliding_rerank, window_starts
 
 if TYPE_CHECKING:
-    from indexing.shortlist import Shortlist
+    from locore.indexing.shortlist import Shortlist
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class LocoreOptions:
 
     alpha: float = 0.5  # fusion weight of the incoming similarity (§6.5)
     temp: float = 0.1  # fusion temperature on the raw logits
-    sliding: str | None = "end-to-start"  # a rerank.sliding strategy, None = single window
+    sliding: str | None = "end-to-start"  # a locore.rerank.sliding strategy, None = single window
     topk: int = 400  # leading shortlist entries re-ranked (K)
     window: int = 100  # images per model call (W)
     stride: int = 50  # step between windows (S)
@@ -76,7 +76,7 @@ class LocoreOptions:
 
 
 class LocoreScorer:
-    """A :class:`~rerank.sliding.ListScorer` backed by a LoCoRe model.
+    """A :class:`~locore.rerank.sliding.ListScorer` backed by a LoCoRe model.
 
     Query tensors are built once; each call gathers the gallery images of one batch of windows
     from the store and the global table and runs one forward pass.
@@ -171,7 +171,7 @@ class LocoreReranker(Reranker):
     """LoCoRe list-wise re-ranking of a shortlist, fused with the incoming similarities.
 
     Args:
-        model: a :class:`~rerank.locore.model.LocoreModel` (or anything with its ``forward``
+        model: a :class:`~locore.rerank.locore.model.LocoreModel` (or anything with its ``forward``
             contract and ``config.use_global``), already on its device.
         options: see :class:`LocoreOptions`.
     """

@@ -19,11 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.errors import UserError
-from engine.extract import GLOBAL_FILE, LOCAL_FILE, read_globals
-from indexing.local_store import LocalStore
-from indexing.shortlist import Shortlist
-from rerank.locore.model import LocoreInputs
+from locore.core.errors import UserError
+from locore.core.layout import GLOBAL_FILE, LOCAL_FILE
+from locore.indexing.local_store import LocalStore
+from locore.indexing.shortlist import Shortlist, read_raw_globals
+from locore.rerank.locore.model import LocoreInputs
+from locore.rerank.train.synthetic import SyntheticLists, SyntheticSpec
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ class DataConfig:
     max_positives: int = 100  # cap on positives kept per list (official max_pos_per_topk)
     min_positives: int = 0  # inject random positives up to this many (official: 0, never)
     shuffle_gallery: bool = True  # permute each list per draw (the official augmentation)
-    source: str = "features"  # features (an extraction) | synthetic (rerank.train.synthetic)
+    source: str = "features"  # features (an extraction) | synthetic (locore.rerank.train.synthetic)
     synthetic_lists: int = 2000  # lists generated when source is synthetic
 
     def __post_init__(self) -> None:
@@ -162,7 +163,9 @@ class ListDataset:
             raise UserError(
                 f"{folder / GLOBAL_FILE} does not hold {count} float32 rows; re-extract"
             )
-        self.globals = np.asarray(read_globals(folder, size // (4 * count), count))
+        self.globals = np.asarray(
+            read_raw_globals(folder / GLOBAL_FILE, size // (4 * count), count, prefix=True)
+        )
         if config.shortlist:
             ids = Shortlist.load(Path(config.shortlist)).ids
             if len(ids) != count:
@@ -244,7 +247,5 @@ class ListDataset:
 def make_dataset(config: DataConfig, seed: int):
     """The lists of ``config``: a :class:`ListDataset`, or generated synthetic lists."""
     if config.source == "synthetic":
-        from rerank.train.synthetic import SyntheticLists, SyntheticSpec
-
         return SyntheticLists(SyntheticSpec(), config.synthetic_lists, seed)
     return ListDataset(config, seed)

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 
-from engine.errors import UserError
-from rerank.locore.checkpoint import CONFIG_NAME, HUB_ID, init_from_longformer
-from rerank.locore.config import MODEL_TYPE, LocoreConfig
-from rerank.locore.model import LocoreModel, build_model
+from locore.core.errors import UserError
+from locore.rerank.locore.checkpoint import CONFIG_NAME, HUB_ID, check_keys
+from locore.rerank.locore.config import MODEL_TYPE, LocoreConfig
+from locore.rerank.locore.model import LocoreModel, build_model
 
 logger = logging.getLogger(__name__)
 
@@ -138,3 +138,54 @@ def _download(repo_id: str) -> Path:
         raise UserError(
             f"cannot download {repo_id} ({type(err).__name__}); pass a local folder"
         ) from None
+
+
+def init_from_longformer(model: LocoreModel, source: dict[str, torch.Tensor]) -> None:
+    """Start training from a pretrained Longformer (``LongformerModel`` / ``...ForMaskedLM``
+    state dict, e.g. ``allenai/longformer-base-4096``), in place.
+
+    Copies the embeddings' LayerNorm, token-type rows and the first ``num_layers`` encoder
+    layers (the official ``num_layers_kept``), and sets ``sep_embedding`` / ``pad_embedding``
+    to word-embedding rows 2 (``</s>``) and 1 (``<pad>``). The official code meant to do this
+    but copied them before the weights were loaded, so it trained from garbage (spec P10).
+    A position table shorter than the model's is extended by tiling rows 2.. (the allenai
+    "convert to long" recipe; the official extension procedure is not documented). The
+    classifier, scale embedding and projections keep their random init.
+    """
+    src = {k.removeprefix("longformer."): v for k, v in source.items()}
+    backbone = "language_model.longformer."
+    target = model.state_dict()
+    wanted = {
+        k: k.removeprefix(backbone)
+        for k in target
+        if k.startswith(backbone + "encoder.") or k.startswith(backbone + "embeddings.LayerNorm")
+    }
+    required = {theirs: target[ours] for ours, theirs in wanted.items()}
+    check_keys(
+        required,
+        {k: src[k] for k in required if k in src},
+        "(pretrained Longformer)",
+        "build the model with the pretrained model's width, heads and FFN size",
+    )
+    embeddings = ("word_embeddings", "position_embeddings", "token_type_embeddings")
+    missing = [f"embeddings.{k}.weight" for k in embeddings if f"embeddings.{k}.weight" not in src]
+    if missing:
+        raise UserError(f"pretrained Longformer state dict lacks {missing}; pass a full one")
+    words, positions, types = (src[f"embeddings.{k}.weight"] for k in embeddings)
+    hidden, num_types = model.config.hidden_size, model.config.type_vocab_size
+    if {words.shape[1], positions.shape[1], types.shape[1]} != {hidden} or len(types) < num_types:
+        raise UserError(
+            f"pretrained Longformer is {words.shape[1]}-D with {len(types)} token types; the "
+            f"model needs {hidden}-D and {num_types}"
+        )
+    rows = model.config.max_positions
+    reserved = positions[:2]
+    tiled = positions[2:].repeat(-(-(rows - 2) // (positions.shape[0] - 2)), 1)[: rows - 2]
+    new = {ours: src[theirs] for ours, theirs in wanted.items()}
+    new[backbone + "embeddings.position_embeddings.weight"] = torch.cat([reserved, tiled])
+    new[backbone + "embeddings.token_type_embeddings.weight"] = types[:num_types]
+    new[backbone + "sep_embedding"] = words[2]
+    new[backbone + "pad_embedding"] = words[1]
+    with torch.no_grad():
+        for name, value in new.items():
+            target[name].copy_(value)

@@ -27,10 +27,11 @@ import torch
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from engine.errors import UserError
-from rerank.locore.model import MODES, RECALL_AT, LocoreInputs, LocoreModel
-from rerank.train.data import DataConfig, make_dataset
-from rerank.train.init import init_model
+from locore.core.device import resolve_device
+from locore.core.errors import UserError
+from locore.rerank.locore.model import MODES, RECALL_AT, LocoreInputs, LocoreModel
+from locore.rerank.train.data import DataConfig, make_dataset
+from locore.rerank.train.init import init_model
 
 logger = logging.getLogger(__name__)
 
@@ -126,14 +127,6 @@ def enable_gradient_checkpointing(model: LocoreModel, backend: str) -> None:
         layer.forward = functools.partial(checkpoint, plain, use_reentrant=False)
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        return torch.device("cpu")
-    return torch.device(name)
-
-
 def _latest_checkpoint(out: Path) -> Path | None:
     found = [p for p in out.glob("checkpoint-*") if p.name.split("-")[1].isdigit()]
     return max(found, key=lambda p: int(p.name.split("-")[1]), default=None)
@@ -165,7 +158,7 @@ def train(config: TrainConfig, dataset: Lists | None = None) -> Path:
     """
     rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
-    device = _device(config.device)
+    device = resolve_device(config.device)
     distributed = world > 1
     if distributed and not torch.distributed.is_initialized():
         if device.type == "cuda":

@@ -24,7 +24,7 @@ import dataclasses
 import numpy as np
 import torch
 
-from rerank.locore.model import LocoreInputs
+from locore.rerank.locore.model import LocoreInputs
 
 EASY, TRANSITIVE, HARD, COMPANION, RANDOM = range(5)
 

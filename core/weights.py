@@ -21,7 +21,8 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from engine.errors import UserError
+from locore.core.errors import UserError
+from locore.core.resources import resolve_resource
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ def resolve(
         filenames: candidate names inside a folder or repository, safetensors first.
         cache_dir: download cache (default: the Hugging Face / torch hub caches).
     """
+    source = resolve_resource(source)
     text = str(source)
     path = Path(text).expanduser()
     if path.is_file():

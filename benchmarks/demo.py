@@ -13,7 +13,13 @@ import logging
 import time
 from pathlib import Path
 
-from engine import config as cfg
+from locore.benchmarks.datasets.demo import DemoSpec, generate
+from locore.benchmarks.visualize import grid_for_result
+from locore.core import config as cfg
+from locore.engine.config import PipelineConfig
+from locore.engine.evaluate import evaluate_index, format_metrics, load_gnd
+from locore.engine.pipeline import build_index, open_index, search
+from locore.engine.results import format_table, result_records, write_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -24,14 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from benchmarks.datasets.demo import DemoSpec, generate
-    from engine.evaluate import evaluate_index, format_metrics, load_gnd
-    from engine.pipeline import build_index, open_index, search
-    from engine.results import format_table, result_records, write_jsonl
-    from engine.visualize import grid_for_result
-
     config_name = args.config or "demo"
-    config = cfg.load(cfg.PipelineConfig, config_name, args.overrides)
+    config = cfg.load(PipelineConfig, config_name, args.overrides)
     out: Path = args.out
     start = time.perf_counter()
     collection = generate(out / "collection", DemoSpec(seed=args.seed))

@@ -12,29 +12,42 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from engine.errors import UserError
+from locore.core.errors import UserError
 
+BENCH = "locore.benchmarks"
 # Subcommands implemented outside this file: name -> (module, help). Each module exposes
 # ``add_arguments(parser)`` and ``run(args) -> int``.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "extract": ("engine.commands", "extract local + global descriptors of an image folder"),
-    "index": ("engine.commands", "extract a folder and build its global index"),
-    "search": ("engine.commands", "query an index with image files (optionally re-ranked)"),
-    "rerank": ("engine.commands", "re-rank a shortlist file that came from elsewhere"),
-    "eval": ("engine.commands", "evaluate an index on a Revisited-format ground truth"),
-    "train": ("rerank.train.cli", "train a LoCoRe re-ranker"),
-    "demo": ("engine.demo", "run the whole pipeline on the embedded demo collection"),
+    "extract": ("locore.cli.commands", "extract local + global descriptors of an image folder"),
+    "index": ("locore.cli.commands", "extract a folder and build its global index"),
+    "search": ("locore.cli.commands", "query an index with image files (optionally re-ranked)"),
+    "rerank": ("locore.cli.commands", "re-rank a shortlist file that came from elsewhere"),
+    "eval": ("locore.cli.commands", "evaluate an index on a Revisited-format ground truth"),
+    "train": ("locore.cli.train", "train a LoCoRe re-ranker"),
+    "demo": (f"{BENCH}.demo", "run the whole pipeline on the embedded demo collection"),
 }
 # ``locore bench <target>``: target -> (module, help).
 BENCH_TARGETS: dict[str, tuple[str, str]] = {
-    "revisitop": ("benchmarks.revisitop", "the full Revisited Oxford/Paris (+1M) benchmark"),
-    "latency": ("benchmarks.speed.latency", "per-stage latency and peak memory of one query"),
-    "index": ("benchmarks.speed.index", "global index build/search speed and memory"),
-    "extract": ("benchmarks.speed.extract", "extractor throughput (images/s)"),
-    "rerank": ("benchmarks.speed.rerank", "LoCoRe latency per 100-image list, both backends"),
-    "listwise": ("benchmarks.synthetic_listwise", "synthetic proof of list-wise context"),
-    "superglobal": ("benchmarks.superglobal_latency", "SuperGlobal re-ranking latency per query"),
-    "fusion-grid": ("benchmarks.fusion_grid", "choose LoCoRe's fusion alpha/tau on cached logits"),
+    "revisitop": (f"{BENCH}.revisitop", "the full Revisited Oxford/Paris (+1M) benchmark"),
+    "latency": (
+        "locore.benchmarks.speed.latency",
+        "per-stage latency and peak memory of one query",
+    ),
+    "index": (f"{BENCH}.speed.index", "global index build/search speed and memory"),
+    "extract": (f"{BENCH}.speed.extract", "extractor throughput (images/s)"),
+    "rerank": (
+        "locore.benchmarks.speed.rerank",
+        "LoCoRe latency per 100-image list, both backends",
+    ),
+    "listwise": (f"{BENCH}.synthetic_listwise", "synthetic proof of list-wise context"),
+    "superglobal": (
+        "locore.benchmarks.superglobal_latency",
+        "SuperGlobal re-ranking latency per query",
+    ),
+    "fusion-grid": (
+        "locore.benchmarks.fusion_grid",
+        "choose LoCoRe's fusion alpha/tau on cached logits",
+    ),
 }
 
 

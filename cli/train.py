@@ -1,7 +1,7 @@
 """``locore train --config NAME_OR_PATH [--set key=value ...]``.
 
 The same entry point serves a plain CPU run and ``torchrun --nproc-per-node=N -m engine train``
-(DDP, one process per GPU): :func:`rerank.train.loop.train` reads ``RANK``/``WORLD_SIZE``.
+(DDP, one process per GPU): :func:`locore.rerank.train.loop.train` reads ``RANK``/``WORLD_SIZE``.
 """
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ import os
 from pathlib import Path
 from pprint import pformat
 
-from engine import config as cfg
-from engine.errors import UserError
+from locore.core import config as cfg
+from locore.core.errors import UserError
+from locore.rerank.train.loop import TrainConfig, train
 
 logger = logging.getLogger(__name__)
 
@@ -25,8 +26,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Train (or resume) the configured run; the merged config is saved in the run folder."""
-    from rerank.train.loop import TrainConfig, train
-
     if args.config is None:
         raise UserError("locore train needs --config (a preset in configs/train or a YAML path)")
     extra = [f"out={args.out}"] if args.out else []

@@ -20,7 +20,7 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 
-from engine.errors import UserError
+from locore.core.errors import UserError
 
 KAPPAS = (1, 5, 10)
 PROTOCOLS = ("easy", "medium", "hard")
@@ -197,7 +197,7 @@ def rerank_junk(gnd: Sequence[Mapping], setup: str = "hard") -> list[set[int]]:
       (``hard_split=True``), reported as "Hard*" in supplementary Tables B and C (73.7).
 
     Medium (and Easy) are always read from the ``"hard"`` setup. The result feeds
-    ``rerank.junk.partition_junk`` / ``Queries.junk``.
+    ``locore.rerank.junk.partition_junk`` / ``Queries.junk``.
     """
     if setup not in RERANK_SETUPS:
         raise UserError(f"unknown Hard setup {setup!r}; use one of {RERANK_SETUPS}")

@@ -7,15 +7,31 @@ import json
 import logging
 from pathlib import Path
 
-from engine import config as cfg
-from engine.errors import UserError
+from locore.benchmarks.visualize import grid_for_result
+from locore.core import config as cfg
+from locore.core.errors import UserError
+from locore.engine.config import PipelineConfig, load_pipeline
+from locore.engine.evaluate import evaluate_index, format_metrics
+from locore.engine.extract import Item, export_official, extract, parse_shard, shard_items
+from locore.engine.pipeline import (
+    build_extractor,
+    build_index,
+    extract_queries,
+    open_index,
+    rerank_chain,
+    search,
+    to_results,
+)
+from locore.engine.results import format_table, result_records, write_jsonl
+from locore.feature_extractors.io import list_images, load_image
+from locore.indexing.shortlist import Shortlist
 
 logger = logging.getLogger(__name__)
 
 
-def load_config(args: argparse.Namespace, extra: list[str] | None = None) -> cfg.PipelineConfig:
+def load_config(args: argparse.Namespace, extra: list[str] | None = None) -> PipelineConfig:
     """Defaults <- ``--config`` <- ``--set`` (<- flag shortcuts in ``extra``)."""
-    return cfg.load(cfg.PipelineConfig, args.config, [*args.overrides, *(extra or [])])
+    return load_pipeline(args.config, [*args.overrides, *(extra or [])])
 
 
 def parse_box(text: str | None) -> tuple[float, float, float, float] | None:
@@ -53,10 +69,6 @@ def add_extract_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_extract(args: argparse.Namespace) -> int:
-    from engine.extract import Item, extract, parse_shard, shard_items
-    from engine.pipeline import build_extractor
-    from feature_extractors.io import list_images
-
     config = load_config(args)
     files = list_images(args.images)
     items = shard_items(
@@ -74,8 +86,6 @@ def run_extract(args: argparse.Namespace) -> int:
         attrs={"extractor": config.extractor.name},
     )
     if args.official:
-        from engine.extract import export_official
-
         done = {name for name, _ in report.skipped}
         order = [it.name for it in items if it.name not in done]
         for path in export_official(out, order, out, args.official):
@@ -94,8 +104,6 @@ def add_index_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_index(args: argparse.Namespace) -> int:
-    from engine.pipeline import build_index
-
     summary = build_index(args.images, args.out, load_config(args))
     skipped = summary.extract.skipped
     for name, reason in skipped:
@@ -120,8 +128,6 @@ def add_search_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _open(args: argparse.Namespace):
-    from engine.pipeline import open_index
-
     extra = rerank_overrides(args.rerank)
     if args.topk is not None:
         extra.append(f"search.topk={args.topk}")
@@ -129,10 +135,6 @@ def _open(args: argparse.Namespace):
 
 
 def run_search(args: argparse.Namespace) -> int:
-    from engine.pipeline import search
-    from engine.results import format_table, result_records, write_jsonl
-    from feature_extractors.io import load_image
-
     box = parse_box(args.box)
     if box is not None and len(args.query) != 1:
         raise UserError("--box applies to a single query; pass one query image with it")
@@ -148,8 +150,6 @@ def run_search(args: argparse.Namespace) -> int:
         if args.out:
             print(f"results -> {write_jsonl(records, args.out)}")
         if args.grid:
-            from engine.visualize import grid_for_result
-
             grid_for_result(results[0], handle, args.grid, limit=show)
             print(f"grid -> {args.grid}")
     finally:
@@ -175,11 +175,6 @@ def add_rerank_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_rerank(args: argparse.Namespace) -> int:
-    from engine.pipeline import build_extractor, extract_queries, rerank_chain, to_results
-    from engine.results import format_table, result_records, write_jsonl
-    from feature_extractors.io import list_images
-    from indexing.shortlist import Shortlist
-
     handle = _open(args)
     try:
         if not handle.config.search.rerank:
@@ -220,8 +215,6 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from engine.evaluate import evaluate_index, format_metrics
-
     handle = _open(args)
     try:
         report = evaluate_index(handle, args.gnd, args.queries, out=args.out)

@@ -1,12 +1,14 @@
-"""Pictures of search results (ranked grids), built on ``benchmarks.plots``."""
+"""Pictures of search results (ranked grids), built on ``locore.benchmarks.plots``."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
 
-from engine.pipeline import IndexHandle, QueryResult
-from feature_extractors.io import load_image
+from locore.benchmarks.plots import ranked_grid
+from locore.core.errors import UserError
+from locore.engine.pipeline import IndexHandle, QueryResult
+from locore.feature_extractors.io import load_image
 
 
 def label_of(db_name: str, gnd_entry: dict | None, imlist_pos: dict[str, int]) -> str | None:
@@ -34,8 +36,6 @@ def grid_for_result(
     title: str | None = None,
 ) -> Path:
     """Query (with box) + top-``limit`` thumbnails, bordered by ground-truth label if known."""
-    from benchmarks.plots import ranked_grid
-
     root = Path(images_root) if images_root is not None else _images_root(handle)
     pos = {name: i for i, name in enumerate(imlist)}
     names = [handle.names[int(i)] for i in result.ids[:limit]]
@@ -55,7 +55,5 @@ def _images_root(handle: IndexHandle) -> Path:
     """Folder the index was built from (stored in the store's attrs by ``build_index``)."""
     root = handle.database.store.attrs.get("images_root") if handle.database.store else None
     if root is None:
-        from engine.errors import UserError
-
         raise UserError(f"index {handle.directory} does not record its image folder; rebuild it")
     return Path(root)

@@ -13,7 +13,7 @@ import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from engine.errors import UserError
+from locore.core.errors import UserError
 
 
 class Registry:

@@ -1,0 +1,5 @@
+"""``python -m locore`` is the same as the ``locore`` console script."""
+
+from locore.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""YAML presets (package data): ``pipelines/``, ``rerankers/``, ``train/``."""
