@@ -10,12 +10,13 @@ Why one window: with sliding windows (§6.6) each window after the first scores 
 the previous windows' fusion produced, so its logits depend on (α, τ) and no cache can replay
 them; the official code accordingly takes α, τ from the command line in sliding mode. A grid cell
 is therefore exactly what the LoCoRe stage returns with ``sliding=None`` (one window at the top):
-the same junk partition, the same scorer calls, :func:`locore.rerank.fusion.fuse` and the stable
-:func:`locore.rerank.fusion.rank_desc` (ties keep the incoming order).
+the same junk partition (the chain's), the same scorer calls, :func:`locore.rerank.fusion.fuse`
+and the stable :func:`locore.rerank.fusion.rank_desc` (ties keep the incoming order).
 
-The cache, ``<run>/fusion_logits_<setup>.npz``, is written by ``locore bench revisitop
---save-logits`` (:func:`cache_logits`); any other benchmark can write one with
-:meth:`FusionCache.save`.
+Any stage that fuses window logits (a :class:`locore.rerank.base.LogitReranker`, such as LoCoRe)
+can be grid-searched: its public ``window_logits`` hook fills the cache,
+``<run>/fusion_logits_<setup>.npz``, written by ``locore bench revisitop --save-logits``
+(:func:`cache_logits`); any other benchmark can write one with :meth:`FusionCache.save`.
 """
 
 from __future__ import annotations
@@ -29,21 +30,19 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from locore.benchmarks.collection import Collection
+from locore.benchmarks.settings import Settings, cached_stage
 from locore.core.errors import UserError
 from locore.engine.evaluate import to_imlist_ranks
 from locore.engine.metrics import GLDV2_PUBLIC, evaluate_revisited, gldv2_map_at_100
+from locore.indexing.shortlist import Shortlist
+from locore.rerank.base import LogitReranker
+from locore.rerank.chain import build_stage, stage_input
 from locore.rerank.fusion import fuse, rank_desc
-
-if TYPE_CHECKING:
-    from locore.benchmarks.revisitop import Collection, Settings
-    from locore.indexing.shortlist import Shortlist
-    from locore.rerank.base import Database, Queries
-    from locore.rerank.locore.reranker import LocoreReranker
 
 logger = logging.getLogger(__name__)
 
@@ -191,70 +190,17 @@ def find_cache(cache: Path, setup: str = "hard") -> Path:
 
 
 # ----------------------------------------------------------------------------------------------
-# Writing the cache from a LoCoRe stage
+# Writing the cache from a logit-producing stage
 # ----------------------------------------------------------------------------------------------
-def window_logits(
-    stage: LocoreReranker, queries: Queries, incoming: Shortlist, database: Database
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Raw logits of the one window ``stage`` would re-rank with ``sliding=None``.
-
-    The junk partition, window lengths and scorer calls (batches included) are the stage's own,
-    so the grid cell ``(stage.alpha, stage.temp)`` equals the stage's single-window output.
-
-    Returns:
-        ``(ids [Q, M], sims [Q, M], logits [Q, W], lengths [Q])`` in database-row ids; see
-        :class:`FusionCache`.
-    """
-    from locore.rerank.locore.reranker import LocoreScorer, rerankable
-    from locore.rerank.sliding import sliding_rerank
-
-    if not hasattr(stage, "model") or not hasattr(stage, "options"):
-        raise UserError(f"re-ranking stage {stage.name!r} has no LoCoRe logits to cache")
-    # Official single-window mode (no max-sum rescaling, P7): the options of a sliding=None run.
-    opts = dataclasses.replace(stage.options, sliding=None)
-    ids, sims, lengths = rerankable(incoming, queries.junk, opts.topk)
-    scorer = LocoreScorer(stage.model, queries, database, opts)
-    width = min(opts.window, int(lengths.max(initial=0)))
-    logits = np.full((len(ids), width), np.nan)
-
-    def record(rows: np.ndarray, window_ids: np.ndarray) -> np.ndarray:
-        out = scorer(rows, window_ids)
-        logits[rows, : out.shape[1]] = out
-        return out
-
-    sliding_rerank(
-        ids,
-        sims,
-        record,
-        lengths=lengths,
-        strategy=None,
-        window=opts.window,
-        stride=opts.stride,
-        alpha=opts.alpha,
-        temp=opts.temp,
-        batch_size=opts.batch_size,
-    )
-    return ids, np.asarray(sims, np.float64), logits, np.minimum(lengths, width)
-
-
 def cache_logits(settings: Settings, data: Collection, runs: dict, setup: str = "hard") -> Path:
-    """``locore bench revisitop --save-logits``: cache the last LoCoRe stage's window logits.
+    """``locore bench revisitop --save-logits``: cache the window logits of the chain's last stage
+    that produces them (a :class:`~locore.rerank.base.LogitReranker`).
 
     Only the ``hard`` setup is written by default: it is the official normal run, whose Medium
     and Hard the grid maximises (§6.5). The stage's input is the previous stage's cached output
-    (or the shortlist), exactly what the chain gave it.
+    (or the shortlist), handed over as the chain hands it (``rerank.chain.stage_input``).
     """
-    from locore import rerank
-    from locore.benchmarks.revisitop import cached_stage
-    from locore.indexing.shortlist import Shortlist
-
     stages = settings.stages()
-    found = [i for i, (name, _) in enumerate(stages) if name.startswith("locore")]
-    if not found:
-        raise UserError(
-            "--save-logits needs a locore stage in --rerank (e.g. --rerank locore_base)"
-        )
-    last = found[-1]
     path = settings.out / CACHE_FILE.format(setup=SETUP_FILES[setup])
     shortlist_digest = hashlib.sha1(np.ascontiguousarray(data.shortlist.ids).tobytes())
     params = {
@@ -265,21 +211,20 @@ def cache_logits(settings: Settings, data: Collection, runs: dict, setup: str = 
     }
 
     def work() -> None:
+        last, stage = _last_logit_stage(stages)
         name, options = stages[last]
-        stage = rerank.create(name, **options)
         incoming = data.shortlist if last == 0 else Shortlist(*runs[setup][last - 1])
         queries = dataclasses.replace(data.queries, junk=data.junk_sets(setup))
-        ids, sims, logits, lengths = window_logits(stage, queries, incoming, data.database)
-        eval_ids = np.where(ids >= 0, data.row_to_eval[np.maximum(ids, 0)], -1)
-        metric = "gldv2" if settings.dataset.startswith("gldv2") else "revisited"
-        fields = METRICS_GND[metric]
+        window = stage.window_logits(*stage_input(stage, queries, incoming), data.database)
+        eval_ids = np.where(window.ids >= 0, data.row_to_eval[np.maximum(window.ids, 0)], -1)
+        fields = METRICS_GND[settings.metric]
         FusionCache(
             ids=eval_ids,
-            sims=sims,
-            logits=logits,
-            lengths=lengths,
+            sims=window.sims,
+            logits=window.logits,
+            lengths=window.lengths,
             gnd=[{k: list(g.get(k, [])) for k in fields} for g in data.gnd["gnd"]],
-            metric=metric,
+            metric=settings.metric,
             num_db=data.num_official,
             shortlist_only=settings.eval_shortlist_only,
             n_public=data.gnd.get("n_public", GLDV2_PUBLIC),
@@ -294,6 +239,20 @@ def cache_logits(settings: Settings, data: Collection, runs: dict, setup: str = 
 
     cached_stage(settings.out, path.stem, params, work)
     return path
+
+
+def _last_logit_stage(stages: list[tuple[str, dict]]) -> tuple[int, LogitReranker]:
+    """The last stage of the chain that produces window logits, built (later stages first, so
+    the stages before it are never loaded)."""
+    for i in range(len(stages) - 1, -1, -1):
+        stage = build_stage(stages[i])
+        if isinstance(stage, LogitReranker):
+            return i, stage
+    names = ", ".join(name for name, _ in stages) or "none"
+    raise UserError(
+        f"--save-logits: no re-ranking stage of --rerank ({names}) produces window logits; "
+        "add one that does (e.g. --rerank locore_base)"
+    )
 
 
 # ----------------------------------------------------------------------------------------------

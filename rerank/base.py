@@ -4,6 +4,10 @@ A stage reads the previous ranking (a :class:`~locore.indexing.shortlist.Shortli
 similarities that produced them) plus the descriptors it needs, and returns a new ranking of the
 same ids. Stages compose in a chain (``rerank.chain``): each stage's ``scores`` become the next
 stage's ``sims``, so LoCoRe's fusion uses the similarities of the ranking it receives.
+
+The protocol's junk (``Queries.junk``, reference-spec §6.4) is moved out of the shortlist by the
+chain, once, in one place, before every stage that asks for it (``Reranker.partitions_junk``): a
+stage only reads ``Queries.junk`` to know where its re-rankable part ends.
 """
 
 from __future__ import annotations
@@ -66,10 +70,56 @@ class RerankResult:
 
 
 class Reranker(abc.ABC):
-    """A re-ranking stage; ``name`` is its registry name."""
+    """A re-ranking stage; ``name`` is its registry name.
+
+    ``partitions_junk``: True (LoCoRe, CVNet, RRT, DELG) = the chain moves each query's junk ids
+    to the end of its shortlist before this stage and passes the junk sets on; False (SuperGlobal's
+    own evaluation) = the stage sees the ranking as it is and no junk sets.
+    """
 
     name: str = ""
+    partitions_junk: bool = True
 
     @abc.abstractmethod
     def rerank(self, queries: Queries, shortlist: Shortlist, database: Database) -> RerankResult:
-        """Re-order ``shortlist`` (``[Q, M]``) for ``queries``."""
+        """Re-order ``shortlist`` (``[Q, M]``) for ``queries``.
+
+        When ``queries.junk`` is set, its ids already sit at the end of each row, in their
+        incoming order (``rerank.chain.stage_input``); a stage never moves them back up.
+        """
+
+
+@dataclasses.dataclass
+class WindowLogits:
+    """Raw logits of the leading window of every query's ranking, before any fusion.
+
+    Attributes:
+        ids: ``[Q, M]`` int64 database ids in the order the stage received them; -1 = none.
+        sims: ``[Q, M]`` float64 similarities of that order (the fusion's global term).
+        logits: ``[Q, W]`` float64 raw logits of the window; NaN past ``lengths[q]``.
+        lengths: ``[Q]`` int64 entries of each query's window (junk and padding never enter).
+    """
+
+    ids: np.ndarray
+    sims: np.ndarray
+    logits: np.ndarray
+    lengths: np.ndarray
+
+
+class LogitReranker(Reranker):
+    """A stage that fuses raw per-window logits with the incoming similarities
+    (``rerank.fusion.fuse`` with its fusion weight and temperature).
+
+    Its single-window output is a function of cached logits, so the fusion parameters can be
+    grid-searched without running the model again (``locore bench fusion-grid``).
+    """
+
+    @abc.abstractmethod
+    def window_logits(
+        self, queries: Queries, shortlist: Shortlist, database: Database
+    ) -> WindowLogits:
+        """Logits of the one window this stage re-ranks with a single window at the top.
+
+        Same input contract as :meth:`rerank`; fusing them with the stage's (alpha, temp) and
+        sorting stably (``rerank.fusion``) gives exactly its single-window ranking.
+        """

@@ -2,7 +2,8 @@
 
 The Revisited protocol ignores junk images (and, for Hard*, easy ones); letting them occupy
 re-ranking slots wastes the window. The partition is stable: kept columns and moved columns each
-keep their relative order, and similarities travel with their ids.
+keep their relative order, and similarities travel with their ids. The chain applies it, once, for
+every stage that asks (``rerank.chain.stage_input``); stages never call it themselves.
 """
 
 from __future__ import annotations

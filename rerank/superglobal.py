@@ -19,7 +19,8 @@ top 400 *without* removing the Revisited junk images, so junk takes part in the 
 refinement; its published ROxf/RPar numbers use that (``junk="keep"``, the default).
 LoCoRe, CVNet, RRT and DELG move junk out of the shortlist first (reference-spec §6.4;
 ``junk="partition"``): the top ``M`` are then the first ``M`` non-junk images and junk never
-enters the refinement.
+enters the refinement. The move itself is the chain's (``rerank.chain.stage_input``); the junk
+mode only says whether this stage asks for it.
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ from locore.core.errors import UserError
 from locore.rerank.base import Database, Queries, Reranker, RerankResult
 from locore.rerank.fusion import rank_desc
 from locore.rerank.inputs import gather_rows, junk_mask
-from locore.rerank.junk import partition_junk
 
 if TYPE_CHECKING:
     from locore.indexing.shortlist import Shortlist
@@ -127,7 +127,7 @@ class SuperGlobalReranker(Reranker):
         beta: weight factor on neighbour similarities (``β``).
         qe_k: refined items max-pooled into the refined query; None = ``k + 1`` (published).
         junk: ``"keep"`` (SuperGlobal's own evaluation) or ``"partition"`` (Revisited protocol as
-            in LoCoRe: junk moved out of the shortlist before re-ranking).
+            in LoCoRe: the chain moves junk out of the shortlist before this stage).
         device: ``"auto"``, ``"cpu"``, ``"cuda"``, ...
         dtype: ``"float32"`` or ``"float64"`` for the matrix work.
         batch_size: queries per batched computation (bounds memory: about ``2·M·D + 2·M²``
@@ -161,6 +161,7 @@ class SuperGlobalReranker(Reranker):
                 f"got m={m}, k={k}, qe_k={qe_k}, batch_size={batch_size}"
             )
         self.m, self.k, self.beta, self.qe_k, self.junk = m, k, beta, qe_k, junk
+        self.partitions_junk = junk == "partition"
         self.device = resolve_device(device)
         self.dtype = DTYPES[dtype]
         self.batch_size = batch_size
@@ -170,7 +171,8 @@ class SuperGlobalReranker(Reranker):
         """Re-sort each query's top ``m`` by the SuperGlobal score; later entries keep their order.
 
         Scores: the final SuperGlobal score for re-ranked entries, the incoming similarity for the
-        others.
+        others. With ``junk="partition"``, junk ids (already at the end) are neither refined nor
+        neighbours even when they reach into the top ``m``.
         """
         logger.debug(
             "superglobal: m=%d k=%d beta=%g qe_k=%s junk=%s on %s/%s",
@@ -182,10 +184,8 @@ class SuperGlobalReranker(Reranker):
             self.device,
             self.dtype,
         )
-        before = np.asarray(shortlist.ids, dtype=np.int64)
-        ids, sims = before, np.asarray(shortlist.sims, dtype=np.float32)
-        if self.junk == "partition":
-            ids, sims = partition_junk(ids, sims, queries.junk)
+        ids = before = np.asarray(shortlist.ids, dtype=np.int64)
+        sims = np.asarray(shortlist.sims, dtype=np.float32)
         num_q, num_total = ids.shape
         if queries.global_desc.shape[1] != database.global_desc.shape[1]:
             raise UserError(
@@ -195,7 +195,7 @@ class SuperGlobalReranker(Reranker):
         num_m = min(self.m, num_total)
         block = ids[:, :num_m]
         valid = block >= 0
-        if self.junk == "partition":
+        if self.partitions_junk:
             valid &= ~junk_mask(block, queries.junk)
         if num_m == 0:
             return RerankResult(ids=ids, scores=sims, before=before)

@@ -14,8 +14,12 @@ from rerank_helpers import save_micro
 from test_bench_revisitop import EXTRACTOR, _scene, _view
 
 from locore import cli
-from locore.benchmarks import revisitop
+from locore.benchmarks.collection import first_stage
 from locore.benchmarks.datasets.gldv2 import image_path
+from locore.benchmarks.official_release import from_official
+from locore.benchmarks.protocols import evaluation_of
+from locore.benchmarks.revisitop import run_benchmark
+from locore.benchmarks.settings import Settings
 from locore.core.errors import UserError
 from locore.engine.config import PipelineConfig
 from locore.engine.metrics import gldv2_map_at_100
@@ -148,13 +152,13 @@ def test_official_release_chunks_hand_computed_map_reranking_and_fusion_grid(
     assert (best["objective"], best["dataset"]) == ("public", "gldv2-test")
 
     # The chunks are one logical gallery in sorted order: rows and globals are the chunks'.
-    settings = revisitop.Settings(
+    settings = Settings(
         dataset="gldv2-test",
         out=out,
         from_official=tmp_path / "release",
         locore={"num_local": 6},
     )
-    data = revisitop.from_official(settings, PipelineConfig())
+    data = from_official(settings)
     data.database.store.close()
     np.testing.assert_array_equal(data.database.global_desc, chunks["global"])
     with LocalStore(out / "dinov2_gallery_local_joined.h5") as store:
@@ -168,25 +172,25 @@ def test_official_release_chunks_hand_computed_map_reranking_and_fusion_grid(
         settings, out=tmp_path / "cut", depth=101, shortlist_file=settings.from_official / NN
     )
     (tmp_path / "cut").mkdir()
-    shortlist = revisitop._first_stage(cut, None, N_DB, {})
+    shortlist = first_stage(cut, None, N_DB, {}, cut=evaluation_of(cut).file_depth(cut))
     assert shortlist.ids.tolist() == [_order(p)[:101] for p in PLACED]
 
 
 def test_missing_files_and_wrong_options_are_named(tmp_path):
     config = PipelineConfig()
-    official = revisitop.Settings(dataset="gldv2-test", out=tmp_path / "o", from_official=tmp_path)
+    official = Settings(dataset="gldv2-test", out=tmp_path / "o", from_official=tmp_path)
     with pytest.raises(UserError, match=r"gldv2-test/gnd_gldv2-test\.pkl not found.*AMES"):
-        revisitop.run_benchmark(official, config)
+        run_benchmark(official, config)
     fake_release(tmp_path)
     for path in (tmp_path / "gldv2-index").glob("dinov2_x*_local.hdf5"):
         path.unlink()
     with pytest.raises(UserError, match=r"gldv2-index/dinov2_local\.hdf5 \(or chunks"):
-        revisitop.run_benchmark(official, config)
-    raw = revisitop.Settings(dataset="gldv2-test", out=tmp_path / "o", data_root=tmp_path / "x")
+        run_benchmark(official, config)
+    raw = Settings(dataset="gldv2-test", out=tmp_path / "o", data_root=tmp_path / "x")
     with pytest.raises(UserError, match="gnd_gldv2-test.pkl nor retrieval_solution_v2.1.csv"):
-        revisitop.run_benchmark(raw, config)
+        run_benchmark(raw, config)
     with pytest.raises(UserError, match="no \\+1M distractors"):
-        revisitop.Settings(dataset="gldv2-test", out=tmp_path, data_root=tmp_path, with_1m=True)
+        Settings(dataset="gldv2-test", out=tmp_path, data_root=tmp_path, with_1m=True)
 
 
 def fake_cvdf(root):

@@ -2,7 +2,6 @@
 
 import csv
 import json
-import logging
 import pickle
 
 import cv2
@@ -13,9 +12,12 @@ import torch
 from rerank_helpers import save_micro
 
 from locore import cli
-from locore.benchmarks import revisitop
+from locore.benchmarks.collection import first_stage, invert, to_rows
+from locore.benchmarks.revisitop import run_benchmark
+from locore.benchmarks.settings import Settings, cached_stage
 from locore.core.errors import UserError
 from locore.engine.config import PipelineConfig
+from locore.indexing.shortlist import Shortlist
 
 SCENES = 3  # landmarks; each has 2 easy, 1 hard and 1 junk database view and one query
 DISTRACTORS = 3
@@ -100,8 +102,21 @@ def _args(data_root, out, checkpoint, *extra):
     ]
 
 
+def _cache_stamps(out):
+    """Modification times of every cached stage artifact and marker (reports excluded)."""
+    cached = [
+        *out.glob("*.done.json"),
+        *(out / "db").iterdir(),
+        *(out / "queries").iterdir(),
+        *(out / "index").rglob("*"),
+        *out.glob("shortlist_*.npy"),
+        *(out / "rerank").glob("*"),
+    ]
+    return {p.relative_to(out): p.stat().st_mtime_ns for p in cached}
+
+
 def test_end_to_end_from_images_prints_the_table_writes_everything_and_resumes(
-    tmp_path, micro_checkpoint, capsys, caplog, monkeypatch
+    tmp_path, micro_checkpoint, capsys
 ):
     fake_revisited(tmp_path / "data")
     out = tmp_path / "out"
@@ -134,39 +149,53 @@ def test_end_to_end_from_images_prints_the_table_writes_everything_and_resumes(
         tail = last[q][-len(moved) :]
         assert set(tail.tolist()) == moved
 
-    # Rerun: every stage is reused, nothing is extracted again.
-    def no_extractor(*_a, **_k):
-        raise AssertionError("extractor built on a resumed run")
-
-    monkeypatch.setattr("locore.engine.pipeline.build_extractor", no_extractor)
-    caplog.set_level(logging.INFO, logger="locore.benchmarks.revisitop")
+    # Rerun: every stage is reused; no extraction, index, shortlist, re-rank run or marker is
+    # written again, and the table is the same.
+    stamps = _cache_stamps(out)
+    markers = {"extract_db", "extract_queries", "index", "shortlist"}
+    assert markers <= {p.name.removesuffix(".done.json") for p in stamps}
+    assert sum(p.name.endswith(("_hard.done.json", "_hardstar.done.json")) for p in stamps) == 2
     assert cli.main(args) == 0
-    reused = {r.getMessage().split(":")[0] for r in caplog.records if "reusing" in r.getMessage()}
-    assert {"stage extract_db", "stage extract_queries", "stage index", "stage shortlist"} <= reused
-    assert sum(m.endswith(("_hard", "_hardstar")) for m in reused) == 2  # both re-rank runs
+    assert _cache_stamps(out) == stamps
     assert capsys.readouterr().out.splitlines()[:5] == printed.splitlines()[:5]
 
 
-def test_interrupted_extraction_resumes(tmp_path, micro_checkpoint, monkeypatch):
+def test_a_stage_runs_again_until_its_marker_is_written(tmp_path):
+    calls = []
+
+    def interrupted():
+        calls.append("interrupted")
+        (tmp_path / "partial").write_text("half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        cached_stage(tmp_path, "extract_db", {"n": 1}, interrupted)
+    assert not (tmp_path / "extract_db.done.json").exists()
+    assert cached_stage(tmp_path, "extract_db", {"n": 1}, lambda: calls.append("resumed"))
+    assert json.loads((tmp_path / "extract_db.done.json").read_text()) == {"n": 1}
+    assert not cached_stage(tmp_path, "extract_db", {"n": 1}, lambda: calls.append("again"))
+    assert cached_stage(tmp_path, "extract_db", {"n": 2}, lambda: calls.append("new params"))
+    assert calls == ["interrupted", "resumed", "new params"]
+
+
+def test_a_stage_without_its_marker_runs_again_and_the_others_are_reused(
+    tmp_path, micro_checkpoint
+):
     fake_revisited(tmp_path / "data")
     out = tmp_path / "out"
-    calls = []
-    original = revisitop.cached_stage
-
-    def crash_after_db(out_dir, name, params, work):
-        ran = original(out_dir, name, params, work)
-        calls.append(name)
-        if name == "extract_db" and len(calls) == 1:
-            raise KeyboardInterrupt
-        return ran
-
-    monkeypatch.setattr(revisitop, "cached_stage", crash_after_db)
     args = _args(tmp_path / "data", out, micro_checkpoint, "--rerank", "none")
-    assert cli.main(args) == 130
-    assert (out / "extract_db.done.json").is_file()
-    assert not (out / "extract_queries.done.json").exists()
     assert cli.main(args) == 0
-    assert calls.count("extract_db") == 2 and (out / "results.csv").is_file()
+    results = (out / "results.csv").read_text()
+    db = {p: p.stat().st_mtime_ns for p in (out / "db").iterdir()}
+    # The query extraction was interrupted: no marker, a store it had only begun.
+    (out / "extract_queries.done.json").unlink()
+    for path in (out / "queries").iterdir():
+        path.unlink()
+    assert cli.main(args) == 0
+    assert (out / "extract_queries.done.json").is_file()
+    assert (out / "queries" / "local.h5").stat().st_size > 0
+    assert {p: p.stat().st_mtime_ns for p in (out / "db").iterdir()} == db
+    assert (out / "results.csv").read_text() == results
 
 
 def _official_release(root, rng, n_db=10, n_q=2, k=8, dim=16, gdim=12):
@@ -240,17 +269,17 @@ def test_from_official_files_with_a_micro_reranker(tmp_path, capsys):
 
 
 def test_missing_files_are_named(tmp_path):
-    settings = revisitop.Settings(dataset="rparis6k", out=tmp_path / "o", data_root=tmp_path)
+    settings = Settings(dataset="rparis6k", out=tmp_path / "o", data_root=tmp_path)
     with pytest.raises(UserError, match="gnd_rparis6k.pkl"):
-        revisitop.run_benchmark(settings, PipelineConfig())
-    official = revisitop.Settings(dataset="roxford5k", out=tmp_path / "o", from_official=tmp_path)
+        run_benchmark(settings, PipelineConfig())
+    official = Settings(dataset="roxford5k", out=tmp_path / "o", from_official=tmp_path)
     with pytest.raises(UserError, match="gnd_roxford5k.pkl"):
-        revisitop.run_benchmark(official, PipelineConfig())
-    raw = revisitop.Settings(
+        run_benchmark(official, PipelineConfig())
+    raw = Settings(
         dataset="roxford5k", out=tmp_path / "o", data_root=tmp_path, shortlist="superglobal"
     )
     with pytest.raises(UserError, match="nn_superglobal.pkl"):
-        revisitop._first_stage(raw, lambda d: None, 10, {})
+        first_stage(raw, lambda d: None, 10, {})
 
 
 def test_the_same_command_runs_on_the_demo_collection(tmp_path, micro_checkpoint, capsys):
@@ -276,11 +305,11 @@ def test_the_same_command_runs_on_the_demo_collection(tmp_path, micro_checkpoint
 def test_official_ids_become_database_rows_when_extraction_reordered_them():
     # Database rows hold official ids 2, 0, 3 (id 1 could not be read).
     row_to_eval = np.array([2, 0, 3])
-    table = revisitop.invert(row_to_eval, 4)
+    table = invert(row_to_eval, 4)
     assert table.tolist() == [1, -1, 0, 2]
-    official = revisitop.Shortlist(
+    official = Shortlist(
         ids=np.array([[3, 1, 0, 2]]), sims=np.array([[0.9, 0.8, 0.7, 0.6]], np.float32)
     )
-    rows = revisitop._to_rows(official, table)
+    rows = to_rows(official, table)
     assert rows.ids.tolist() == [[2, 1, 0, -1]]  # missing image last, order otherwise kept
     np.testing.assert_allclose(rows.sims, [[0.9, 0.7, 0.6, 0.8]])

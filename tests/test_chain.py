@@ -8,6 +8,7 @@ import torch
 from locore.core.errors import UserError
 from locore.engine.config import StageConfig
 from locore.indexing.shortlist import Shortlist
+from locore.rerank.base import Reranker, RerankResult
 from locore.rerank.chain import build_chain
 from locore.rerank.locore.model import build_model
 from locore.rerank.locore.reranker import LocoreOptions, LocoreReranker
@@ -102,3 +103,43 @@ def test_superglobal_and_a_saved_micro_checkpoint_through_the_registry(tmp_path)
     )
     np.testing.assert_array_equal(final.ids, expected.ids)
     np.testing.assert_allclose(final.scores, expected.scores, rtol=0, atol=1e-6)
+
+
+class Recorder(Reranker):
+    """Reverses the order it receives and records what the chain handed it."""
+
+    name = "recorder"
+
+    def __init__(self, partitions_junk: bool):
+        self.partitions_junk = partitions_junk
+        self.seen = []
+
+    def rerank(self, queries, shortlist, database):
+        self.seen.append((shortlist.ids.copy(), shortlist.sims.copy(), queries.junk))
+        ids, sims = shortlist.ids[:, ::-1].copy(), shortlist.sims[:, ::-1].copy()
+        return RerankResult(ids=ids, scores=sims, before=shortlist.ids)
+
+
+def test_the_chain_moves_junk_before_every_stage_that_asks_and_only_those():
+    queries, shortlist, database = helpers.collection(num_q=2)
+    queries.junk = [set(shortlist.ids[0, [1, 4]].tolist()), set()]
+    keep, first, second = Recorder(False), Recorder(True), Recorder(True)
+    build_chain([keep, first, second]).run(queries, shortlist, database)
+    # A stage that keeps junk sees the ranking untouched and no junk sets.
+    ids, sims, junk = keep.seen[0]
+    np.testing.assert_array_equal(ids, shortlist.ids)
+    assert junk is None
+    # The next one sees the reversed ranking with junk moved to the end, similarities with it.
+    reversed_ids, reversed_sims = shortlist.ids[:, ::-1], shortlist.sims[:, ::-1]
+    ids, sims, junk = first.seen[0]
+    assert junk is queries.junk
+    is_junk = np.isin(reversed_ids[0], list(queries.junk[0]))
+    want = np.concatenate([reversed_ids[0][~is_junk], reversed_ids[0][is_junk]])
+    np.testing.assert_array_equal(ids[0], want)
+    np.testing.assert_array_equal(
+        sims[0], np.concatenate([reversed_sims[0][~is_junk], reversed_sims[0][is_junk]])
+    )
+    np.testing.assert_array_equal(ids[1], reversed_ids[1])
+    # Its reversal put junk first again: the chain moves it back for the stage after.
+    ids, _, _ = second.seen[0]
+    assert set(ids[0, -2:].tolist()) == queries.junk[0]

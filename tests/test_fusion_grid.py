@@ -12,11 +12,12 @@ from test_bench_revisitop import _official_release
 
 from locore import cli
 from locore.benchmarks import fusion_grid
-from locore.benchmarks.fusion_grid import FusionCache, grid_search, window_logits
+from locore.benchmarks.fusion_grid import FusionCache, grid_search
 from locore.core.errors import UserError
 from locore.engine.evaluate import to_imlist_ranks
 from locore.engine.metrics import evaluate_revisited
 from locore.indexing.shortlist import Shortlist
+from locore.rerank.chain import build_chain, stage_input
 from locore.rerank.locore.reranker import LocoreOptions, LocoreReranker
 
 
@@ -78,10 +79,15 @@ def test_a_grid_cell_is_the_single_window_pipeline(cell):
     model = StandInModel(strength=2.0)
     common = {"topk": 15, "window": 10, "num_local": 4, "batch_size": 3}
 
-    # The cache comes from a sliding-window stage: the grid must replay the single window.
+    # The cache comes from a sliding-window stage, its input handed over as the chain hands it
+    # (junk moved out): the grid must replay the single window.
     sliding = LocoreReranker(model, LocoreOptions(sliding="end-to-start", stride=5, **common))
+    window = sliding.window_logits(*stage_input(sliding, queries, shortlist), database)
     cache = FusionCache(
-        *window_logits(sliding, queries, shortlist, database),
+        window.ids,
+        window.sims,
+        window.logits,
+        window.lengths,
         gnd=gnd,
         metric="revisited",
         num_db=40,
@@ -89,7 +95,7 @@ def test_a_grid_cell_is_the_single_window_pipeline(cell):
     assert cache.lengths.tolist() == [10, 8, 10, 10]
 
     single = LocoreReranker(model, LocoreOptions(sliding=None, alpha=alpha, temp=temp, **common))
-    out = single.rerank(queries, shortlist, database)
+    out, _ = build_chain([single]).run(queries, shortlist, database)
     np.testing.assert_array_equal(fusion_grid.fused_ids(cache, alpha, temp), out.ids)
     direct = evaluate_revisited(to_imlist_ranks(out.ids, np.arange(40), 40), gnd)
     result = grid_search(cache, alphas=(0.0, alpha, 1.0), temps=(temp, 0.9))
@@ -173,3 +179,17 @@ def test_revisitop_saves_logits_and_takes_the_best_pair_back(tmp_path, capsys):
     assert cli.main([*argv, "--alpha", "0.9", "--temp", "0.05", "--fusion-from", best_json]) == 0
     stages = json.loads((out / "metrics.json").read_text())["stages"]
     assert (stages[0][1]["alpha"], stages[0][1]["temp"]) == (best["alpha"], best["temp"])
+
+
+def test_save_logits_needs_a_stage_that_produces_window_logits(tmp_path, capsys):
+    _official_release(tmp_path / "release", np.random.default_rng(1))
+    argv = [
+        "bench", "revisitop", "--dataset", "roxford5k", "--from-official",
+        str(tmp_path / "release"), "--out", str(tmp_path / "out"), "--rerank", "superglobal",
+        "--device", "cpu", "--topk", "10", "--save-logits",
+    ]  # fmt: skip
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no re-ranking stage of --rerank (superglobal) produces window logits" in err
+    assert "\n" not in err
+    assert not (tmp_path / "out" / "fusion_logits_hard.npz").exists()

@@ -17,6 +17,7 @@ from locore.core.layout import NUM_META
 from locore.indexing.local_store import LocalStore, LocalStoreWriter
 from locore.indexing.shortlist import Shortlist
 from locore.rerank.base import Database, Queries
+from locore.rerank.chain import build_chain
 from locore.rerank.fusion import fuse
 from locore.rerank.locore.model import build_model
 from locore.rerank.locore.reranker import LocoreOptions, LocoreReranker, query_locals
@@ -99,7 +100,7 @@ def test_junk_is_moved_after_the_reranked_part_and_never_scored():
     junk = [set(shortlist.ids[0, [0, 2, 7]].tolist()), set(), set(shortlist.ids[2, 5:60].tolist())]
     queries.junk = junk
     stage = reranker(StandInModel(strength=10.0), topk=30, window=10, stride=5)
-    out = stage.rerank(queries, shortlist, database)
+    out, _ = build_chain([stage]).run(queries, shortlist, database)  # the chain moves junk
     # Queries 0 and 1 re-rank 30 entries (batched together); query 2 keeps only 25 of its 80
     # and re-ranks those 25 in windows of its own.
     for request in database.store.requests:

@@ -10,6 +10,7 @@ from locore import rerank
 from locore.core.errors import UserError
 from locore.indexing.shortlist import Shortlist
 from locore.rerank.base import Database, Queries
+from locore.rerank.chain import build_chain
 from locore.rerank.superglobal import SuperGlobalReranker, superglobal_scores
 
 
@@ -172,11 +173,17 @@ def junk_case():
     return queries, db, ids, junk
 
 
+def _chain(stage, queries, shortlist, database):
+    """The stage as the chain runs it (the chain applies the junk partition)."""
+    final, _ = build_chain([stage]).run(queries, shortlist, database)
+    return final
+
+
 def test_partition_moves_junk_out_before_refinement():
     queries, db, ids, junk = junk_case()
     m = 20
     stage = SuperGlobalReranker(m=m, junk="partition", dtype="float64", device="cpu")
-    out = stage.rerank(Queries(queries, junk=junk), shortlist_of(queries, db, ids), Database(db))
+    out = _chain(stage, Queries(queries, junk=junk), shortlist_of(queries, db, ids), Database(db))
     for q in range(3):
         kept = np.array([i for i in ids[q] if i not in junk[q]])
         stage = SuperGlobalReranker(m=min(m, len(kept)), dtype="float64", device="cpu")
@@ -190,13 +197,16 @@ def test_partition_moves_junk_out_before_refinement():
 def test_keep_mode_refines_with_junk_like_no_junk_at_all():
     queries, db, ids, junk = junk_case()
     stage = SuperGlobalReranker(m=20, junk="keep", dtype="float64", device="cpu")
-    with_junk = stage.rerank(
-        Queries(queries, junk=junk), shortlist_of(queries, db, ids), Database(db)
+    with_junk = _chain(
+        stage, Queries(queries, junk=junk), shortlist_of(queries, db, ids), Database(db)
     )
     without = stage.rerank(Queries(queries), shortlist_of(queries, db, ids), Database(db))
     np.testing.assert_array_equal(with_junk.ids, without.ids)
-    partitioned = SuperGlobalReranker(m=20, junk="partition", device="cpu").rerank(
-        Queries(queries, junk=junk), shortlist_of(queries, db, ids), Database(db)
+    partitioned = _chain(
+        SuperGlobalReranker(m=20, junk="partition", device="cpu"),
+        Queries(queries, junk=junk),
+        shortlist_of(queries, db, ids),
+        Database(db),
     )
     assert not np.array_equal(partitioned.ids[0], with_junk.ids[0])
 

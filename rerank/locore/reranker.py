@@ -1,9 +1,9 @@
-"""The LoCoRe re-ranking stage: junk partition, feature gathering, batched model, fusion, windows.
+"""The LoCoRe re-ranking stage: feature gathering, batched model, fusion, windows.
 
 Per call (reference-spec §6.4-6.6):
 
-1. junk ids move to the end of each shortlist (stable, similarities travel with them) and never
-   take part in re-ranking;
+1. junk ids have been moved to the end of each shortlist by the chain (``rerank.chain``, stable,
+   similarities travel with them) and never take part in re-ranking;
 2. the first ``topk`` remaining entries are re-ranked by the list model, one window of ``window``
    images at a time (``sliding`` strategy) or once at the top (``sliding=None``), fusing every
    window's raw logits with the similarities of the ranking this stage received;
@@ -31,9 +31,8 @@ import torch
 from locore.core.device import resolve_device
 from locore.core.errors import UserError
 from locore.core.layout import NUM_META
-from locore.rerank.base import Database, Queries, Reranker, RerankResult
+from locore.rerank.base import Database, LogitReranker, Queries, RerankResult, WindowLogits
 from locore.rerank.inputs import gather_rows, junk_mask
-from locore.rerank.junk import partition_junk
 from locore.rerank.locore.model import MODES, LocoreInputs, LocoreModel
 from locore.rerank.sliding import sliding_rerank, window_starts
 
@@ -167,7 +166,7 @@ def query_locals(rows: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.n
     return rows[..., NUM_META:], rows[..., 2].astype(np.int64), rows[..., 3] != 0
 
 
-class LocoreReranker(Reranker):
+class LocoreReranker(LogitReranker):
     """LoCoRe list-wise re-ranking of a shortlist, fused with the incoming similarities.
 
     Args:
@@ -189,13 +188,12 @@ class LocoreReranker(Reranker):
         """
         opts = self.options
         logger.debug("locore: %s", opts)
-        before = np.asarray(shortlist.ids, dtype=np.int64)
-        ids, sims, lengths = rerankable(shortlist, queries.junk, opts.topk)
+        ids = np.asarray(shortlist.ids, dtype=np.int64)
         new_ids, scores = sliding_rerank(
             ids,
-            sims,
+            shortlist.sims,
             LocoreScorer(self.model, queries, database, opts),
-            lengths=lengths,
+            lengths=rerank_lengths(ids, queries.junk, opts.topk),
             strategy=opts.sliding,
             window=opts.window,
             stride=opts.stride,
@@ -203,24 +201,51 @@ class LocoreReranker(Reranker):
             temp=opts.temp,
             batch_size=opts.batch_size,
         )
-        return RerankResult(ids=new_ids, scores=scores.astype(np.float32), before=before)
+        return RerankResult(ids=new_ids, scores=scores.astype(np.float32), before=ids)
+
+    def window_logits(
+        self, queries: Queries, shortlist: Shortlist, database: Database
+    ) -> WindowLogits:
+        """Raw logits of the window :meth:`rerank` scores with ``sliding=None``.
+
+        Window lengths and scorer calls (batches included) are those of a ``sliding=None`` run
+        (official single-window mode, no max-sum rescaling, P7), whatever this stage's own
+        ``sliding``: only the first window's logits do not depend on (alpha, temp).
+        """
+        opts = dataclasses.replace(self.options, sliding=None)
+        ids = np.asarray(shortlist.ids, dtype=np.int64)
+        sims = np.asarray(shortlist.sims, dtype=np.float64)
+        lengths = rerank_lengths(ids, queries.junk, opts.topk)
+        scorer = LocoreScorer(self.model, queries, database, opts)
+        width = min(opts.window, int(lengths.max(initial=0)))
+        logits = np.full((len(ids), width), np.nan)
+
+        def record(rows: np.ndarray, window_ids: np.ndarray) -> np.ndarray:
+            out = scorer(rows, window_ids)
+            logits[rows, : out.shape[1]] = out
+            return out
+
+        sliding_rerank(
+            ids,
+            sims,
+            record,
+            lengths=lengths,
+            strategy=None,
+            window=opts.window,
+            stride=opts.stride,
+            alpha=opts.alpha,
+            temp=opts.temp,
+            batch_size=opts.batch_size,
+        )
+        return WindowLogits(ids, sims, logits, np.minimum(lengths, width))
 
 
-def rerankable(
-    shortlist: Shortlist, junk: list[set[int]] | None, topk: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Junk moved behind the rest, and how many leading entries of each row may be re-ranked:
-    at most ``topk``, ending at the first junk or padding (-1) entry.
-
-    Returns:
-        ``(ids [Q, M], sims [Q, M], lengths [Q])``.
-    """
-    ids, sims = partition_junk(
-        np.asarray(shortlist.ids, dtype=np.int64), np.asarray(shortlist.sims), junk
-    )
+def rerank_lengths(ids: np.ndarray, junk: list[set[int]] | None, topk: int) -> np.ndarray:
+    """``[Q]`` leading entries of each row of ``ids`` ``[Q, M]`` that may be re-ranked: at most
+    ``topk``, ending at the first junk or padding (-1) entry (junk sits at the end already)."""
     blocked = junk_mask(ids, junk) | (ids < 0)
     first_blocked = np.where(blocked.any(1), blocked.argmax(1), ids.shape[1])
-    return ids, sims, np.minimum(first_blocked, topk)
+    return np.minimum(first_blocked, topk)
 
 
 def locore(
