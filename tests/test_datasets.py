@@ -205,8 +205,9 @@ def test_sop_split_file(tmp_path: Path):
     scores = -np.abs(np.arange(3)[:, None] - np.arange(3)[None, :]).astype(float)
     ranks = ranks_from_scores(scores)
     out = evaluate_metric_learning(ranks, ds.query_labels, ds.db_labels, (1, 2), exclude_self=True)
-    # query 2 (class 11320) has no other image: a miss at every k
-    assert out["recall@1"] == pytest.approx(200 / 3) and out["map@r"] == pytest.approx(100.0)
+    # query 2 (class 11320) has no other image: excluded from every mean, and counted
+    assert out["recall@1"] == pytest.approx(100.0) and out["map@r"] == pytest.approx(100.0)
+    assert out["n_queries_without_positives"] == 1
 
 
 def test_inshop_partition_file(tmp_path: Path):

@@ -19,6 +19,7 @@ from locore.engine.metrics import (
     evaluate_revisited,
     gldv2_map_at_100,
     map_at_r,
+    paired_bootstrap,
     ranks_from_scores,
     recall_at_k,
     rerank_junk,
@@ -115,9 +116,10 @@ def test_all_junk_ranking():
 def test_truncated_ranking():
     # the missing positive contributes nothing; official n_res = len(ok) = 2
     assert _ap([5, 1, 2], [5, 6]) == pytest.approx(0.5)
-    # AMES/LOCORE copies: n_res = min(len(ok), n_ranked) = 1 for a 1-long ranking
+    # the divisor never depends on the ranking length (the AMES/LOCORE min(len(ok), n_ranked)
+    # would give 1.0 here); max_positives caps it independently of the ranking (GLDv2: 100)
     assert _ap([5], [5, 6]) == pytest.approx(0.5)
-    assert _ap([5], [5, 6], clip_to_ranked=True) == pytest.approx(1.0)
+    assert _ap([5], [5, 6], max_positives=1) == pytest.approx(1.0)
 
 
 def test_ties_are_broken_by_database_id():
@@ -155,8 +157,27 @@ def test_rectangular_ap_and_gldv2_splits():
     assert out["public"] == pytest.approx(100 * 5 / 6)
     assert out["private"] == pytest.approx(50.0)
     assert out["combined"] == pytest.approx(100 * (5 / 6 + 1) / 3)
+    assert out["depth"] == 100 and out["n_queries_without_positives"] == 0
     with pytest.raises(UserError, match="n_public"):
         gldv2_map_at_100(ranks, gnd, n_public=5)
+
+
+def test_gldv2_short_ranking_divides_by_positives_not_depth():
+    # 120 positives, a 50-deep ranking holding 50 of them first: AP = 50 / min(120, 100) = 0.5,
+    # not 50 / 50 = 1 (the 2x of issue #20)
+    ranks = np.arange(200)[:50, None]
+    gnd = [{"ok": list(range(120))}]
+    with pytest.raises(UserError, match="shallow_ok"):
+        gldv2_map_at_100(ranks, gnd, n_public=1)
+    out = gldv2_map_at_100(ranks, gnd, n_public=1, shallow_ok=True)
+    assert out["aps"][0] == pytest.approx(0.5) and out["depth"] == 50
+    # a short ranking that already holds every positive cannot score differently deeper
+    small = gldv2_map_at_100(np.array([[3, 1, 0, 2]]).T, [{"ok": [1, 0]}], 1)
+    assert small["aps"][0] == pytest.approx((1 / 2 + 2 / 3) / 2) and small["depth"] == 4
+    # queries without positives are excluded and counted
+    two = gldv2_map_at_100(np.array([[0, 1], [1, 0]]), [{"ok": [0]}, {"ok": []}], n_public=1)
+    assert two["combined"] == pytest.approx(100.0) and two["n_queries_without_positives"] == 1
+    assert np.isnan(two["private"])
 
 
 def test_map_at_r_standard_definition():
@@ -184,14 +205,16 @@ def test_recall_at_k_with_and_without_self():
     )
     rec = recall_at_k(ranks, db_labels, db_labels, (1, 2), exclude_self=True)
     # without self: q0 ranks 2, 1, ... (first hit 2nd); q1 ranks 0 first, q2 ranks 3 first,
-    # q3 ranks 2 first (hits at 1); q4 has no other label-2 image
-    np.testing.assert_allclose(rec, [3 / 5, 4 / 5])
+    # q3 ranks 2 first (hits at 1); q4 has no other label-2 image: excluded, not a miss
+    np.testing.assert_allclose(rec, [3 / 4, 4 / 4])
     # counting self would make every query a hit at 1
     assert recall_at_k(ranks, db_labels, db_labels, (1,))[0] == 1.0
     with pytest.raises(UserError, match="Recall@5"):
         recall_at_k(ranks, db_labels, db_labels, (5,), exclude_self=True)
     out = evaluate_metric_learning(ranks, db_labels, db_labels, (1, 2), exclude_self=True)
-    assert out["recall@1"] == pytest.approx(60.0) and "map@r" in out
+    assert out["recall@1"] == pytest.approx(75.0) and out["n_queries_without_positives"] == 1
+    # R = 1 for q0..q3: R-Precision = P@1 here, MAP@R too
+    assert out["r_precision"] == pytest.approx(75.0) and out["map@r"] == pytest.approx(75.0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -238,6 +261,46 @@ def test_bad_shapes_are_user_errors():
         compute_map(np.zeros((4, 2), int), [{"ok": [1]}])
     with pytest.raises(UserError, match="AP rule"):
         compute_map(np.zeros((4, 1), int), [{"ok": [1]}], ap="interpolated")
+
+
+# ----------------------------------------------------------------------------------------------
+# Paired bootstrap
+# ----------------------------------------------------------------------------------------------
+def test_paired_bootstrap_counts_and_degenerate_intervals():
+    a = np.array([0.5, 0.2, np.nan, 0.9, 0.4])
+    b = np.array([0.7, 0.2, np.nan, 0.8, 0.4])
+    cmp = paired_bootstrap(a, b, resamples=2_000)
+    assert (cmp.improved, cmp.unchanged, cmp.worsened) == (1, 2, 1)
+    assert cmp.n_queries == 4 and cmp.excluded == 1
+    assert cmp.delta == pytest.approx(0.1 / 4) and cmp.mean_b == pytest.approx(2.1 / 4)
+    assert cmp.ci_low <= cmp.delta <= cmp.ci_high
+    assert paired_bootstrap(a, b, resamples=2_000) == cmp  # seeded
+    # a constant shift has a zero-width interval at the shift; identical runs at 0
+    shifted = paired_bootstrap(a, a + 0.25)
+    assert shifted.ci_low == pytest.approx(0.25) and shifted.ci_high == pytest.approx(0.25)
+    assert shifted.significant and shifted.improved == 4
+    same = paired_bootstrap(a, a)
+    assert (same.ci_low, same.ci_high, same.unchanged) == (0.0, 0.0, 4) and not same.significant
+    with pytest.raises(UserError, match="exclude different queries"):
+        paired_bootstrap(a, np.array([0.7, 0.2, 0.1, 0.8, 0.4]))
+
+
+def test_paired_bootstrap_matches_the_normal_interval():
+    # 70 queries (Revisited): the percentile interval of the mean difference is close to
+    # mean +- 1.96 sd / sqrt(n) (CLT); 10,000 resamples put its ends within 5 % of its width
+    rng = np.random.default_rng(3)
+    a = rng.uniform(0, 1, 70)
+    b = np.clip(a + rng.normal(0.01, 0.05, 70), 0, 1)
+    cmp = paired_bootstrap(a, b)
+    diff = b - a
+    half = 1.96 * diff.std() / np.sqrt(diff.size)
+    width = 2 * half
+    assert cmp.ci_low == pytest.approx(diff.mean() - half, abs=0.05 * width)
+    assert cmp.ci_high == pytest.approx(diff.mean() + half, abs=0.05 * width)
+    assert cmp.resamples == 10_000 and cmp.confidence == 0.95
+    # seeded: the same APs give the same interval, another seed a slightly different one
+    assert paired_bootstrap(a, b) == cmp
+    assert paired_bootstrap(a, b, seed=1).ci_low != cmp.ci_low
 
 
 # ----------------------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import pickle
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -121,15 +120,3 @@ def read_lines(path: Path) -> list[str]:
     """Non-empty lines without surrounding whitespace."""
     with open(path, encoding="utf-8") as f:
         return [line.strip() for line in f if line.strip()]
-
-
-def read_pickle(path: Path, published: str) -> object:
-    """Unpickle a ground-truth file; an unreadable one is a UserError saying where to get it."""
-    try:
-        with open(path, "rb") as f:
-            return pickle.load(f)
-    except (OSError, pickle.UnpicklingError, EOFError) as err:
-        raise UserError(
-            f"{path} cannot be read as a gnd pickle ({type(err).__name__}); download it again "
-            f"from {published}"
-        ) from None

@@ -27,9 +27,9 @@ from locore.benchmarks.datasets.base import (
     check_exist,
     find_file,
     read_lines,
-    read_pickle,
 )
 from locore.core.errors import UserError
+from locore.engine.evaluate import read_pickle
 from locore.engine.metrics import GLDV2_PUBLIC
 
 CVDF = "https://github.com/cvdfoundation/google-landmark"

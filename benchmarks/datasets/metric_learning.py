@@ -10,6 +10,8 @@
   images under ``images/``. Classes 1-100 train, 101-200 test (5,924 images, self excluded).
 
 Recall@K ks per dataset: ``locore.engine.metrics.RECALL_KS`` (keyed by the dataset names here).
+Queries without another image of their class (SOP/CUB singletons, In-Shop items absent from the
+gallery) are left out of every metric and counted (``evaluate_metric_learning``).
 """
 
 from __future__ import annotations

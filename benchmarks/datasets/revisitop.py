@@ -17,16 +17,14 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import numpy as np
-
 from locore.benchmarks.datasets.base import (
     RetrievalDataset,
     check_exist,
     find_file,
     read_lines,
-    read_pickle,
 )
 from locore.core.errors import UserError
+from locore.engine.evaluate import load_gnd
 
 logger = logging.getLogger(__name__)
 
@@ -47,33 +45,9 @@ def _folders(name: str) -> list[str]:
 
 
 def read_gnd(path: Path) -> dict:
-    """Read a ``gnd_<dataset>.pkl`` and normalise it.
-
-    Returns ``{"imlist": [str], "qimlist": [str], "gnd": [{"bbx": (x1, y1, x2, y2) | None,
-    "easy": [int], "hard": [int], "junk": [int]}]}``; id fields become plain int lists whatever
-    container the pickle used (P18), and ids are checked against ``imlist``.
-    """
-    path = Path(path)
-    raw = read_pickle(path, PUBLISHED)
-    missing = [k for k in ("imlist", "qimlist", "gnd") if not isinstance(raw, dict) or k not in raw]
-    if missing:
-        raise UserError(f"{path} has no {missing[0]!r}: it is not a Revisited gnd pickle")
-    imlist, qimlist = [str(n) for n in raw["imlist"]], [str(n) for n in raw["qimlist"]]
-    if len(raw["gnd"]) != len(qimlist):
-        raise UserError(f"{path}: {len(raw['gnd'])} gnd entries for {len(qimlist)} queries")
-    gnd = []
-    for q, entry in enumerate(raw["gnd"]):
-        item = {"bbx": None if entry.get("bbx") is None else tuple(float(v) for v in entry["bbx"])}
-        for field in ("easy", "hard", "junk"):
-            ids = np.asarray(entry.get(field, []), dtype=np.int64).reshape(-1)
-            if ids.size and (ids.min() < 0 or ids.max() >= len(imlist)):
-                raise UserError(
-                    f"{path}: query {q} lists {field} id {int(ids.max())} outside the "
-                    f"{len(imlist)}-image imlist; the file is corrupt"
-                )
-            item[field] = ids.tolist()
-        gnd.append(item)
-    return {"imlist": imlist, "qimlist": qimlist, "gnd": gnd}
+    """Read and check a ``gnd_<dataset>.pkl`` with the one ground-truth reader
+    (:func:`locore.engine.evaluate.load_gnd`), pointing at revisitop for a fresh copy."""
+    return load_gnd(path, PUBLISHED)
 
 
 def read_distractors(root: Path) -> tuple[list[str], list[Path]]:
