@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from locore.core.atomic import atomic_open
 from locore.core.errors import UserError
 
 DPI = 100
@@ -32,20 +33,29 @@ BACKGROUND = (255, 255, 255)
 
 @dataclasses.dataclass(frozen=True)
 class GridRow:
-    """One ranked list of a grid: thumbnails, their labels and scores, and a row name."""
+    """One ranked list of a grid: thumbnails, their labels and scores, and a row name.
+
+    A row with its own ``query`` image draws it in column 0 (a grid of several queries, a row
+    each); ``names`` (file names) are written under the thumbnails, ``query_name`` under the query.
+    """
 
     images: Sequence[np.ndarray]
     labels: Sequence[str | None]
     scores: Sequence[float]
     name: str | None = None
+    names: Sequence[str] = ()
+    query: np.ndarray | None = None
+    query_box: Sequence[float] | None = None
+    query_name: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
 class GridLayout:
     """Pixel geometry of :func:`ranked_grid` (origin top-left, ends exclusive).
 
-    Each row is a header strip (row name), the cells, and a caption strip (rank, score).
-    Column 0 holds the query in the first row; result j of a row sits in column j + 1.
+    Each row is a header strip (row name), the cells, a caption strip (rank, score) and, when
+    the grid shows file names (``named``), a name strip. Column 0 holds the query in the first
+    row (and in every row that has its own query); result j of a row sits in column j + 1.
     """
 
     thumb: int = 150  # side of the square area an image is fitted into
@@ -53,21 +63,28 @@ class GridLayout:
     gap: int = 10
     text: int = 18  # height of a header / caption strip
     title: int = 26  # height of the title strip (when there is a title)
+    name_text: int = 14  # height of the file-name strip under the captions (named grids only)
 
     @property
     def cell(self) -> int:
         return self.thumb + 2 * self.border
 
-    def size(self, rows: int, cols: int, titled: bool) -> tuple[int, int]:
+    def pitch(self, named: bool) -> int:
+        """Height of one row: header, cells, caption (and file names)."""
+        return 2 * self.text + self.cell + (self.name_text if named else 0)
+
+    def size(self, rows: int, cols: int, titled: bool, named: bool = False) -> tuple[int, int]:
         """``(width, height)`` in pixels of a grid with that many rows and columns."""
         width = self.gap + cols * (self.cell + self.gap)
-        height = (self.title if titled else 0) + rows * (2 * self.text + self.cell) + self.gap
+        height = (self.title if titled else 0) + rows * self.pitch(named) + self.gap
         return width, height
 
-    def cell_box(self, row: int, col: int, titled: bool) -> tuple[int, int, int, int]:
+    def cell_box(
+        self, row: int, col: int, titled: bool, named: bool = False
+    ) -> tuple[int, int, int, int]:
         """``(x0, y0, x1, y1)`` of a cell, frame included."""
         x0 = self.gap + col * (self.cell + self.gap)
-        y0 = (self.title if titled else 0) + row * (2 * self.text + self.cell) + self.text
+        y0 = (self.title if titled else 0) + row * self.pitch(named) + self.text
         return x0, y0, x0 + self.cell, y0 + self.cell
 
 
@@ -132,9 +149,12 @@ def _new_figure(width: int, height: int):
 
 
 def _save(fig, out_png: Path) -> Path:
+    """Write the PNG atomically: a failed or killed run leaves no half-written picture."""
     out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=DPI, format="png")
+    if out_png.is_dir():
+        raise UserError(f"picture path {out_png} is a folder; pass a .png file name")
+    with atomic_open(out_png, "wb") as f:
+        fig.savefig(f, dpi=DPI, format="png")
     return out_png
 
 
@@ -148,14 +168,17 @@ def ranked_grid(
     title: str | None = None,
     *,
     name: str | None = None,
+    names: Sequence[str] = (),
+    query_name: str | None = None,
     rows: Sequence[GridRow] = (),
     layout: GridLayout = GridLayout(),
 ) -> Path:
     """The query (blue frame, its box in yellow) then the top results, framed by label.
 
     Frames: green = positive, red = negative, grey = junk, none = unknown (label None). Each
-    result is captioned ``#rank score``. Extra ``rows`` (e.g. the ranking after re-ranking)
-    are drawn below the first one, which is named ``name``.
+    result is captioned ``#rank score`` (ranks from 1) and, given file names, its name below.
+    Extra ``rows`` (e.g. the ranking after re-ranking, or further queries with their own
+    ``query``) are drawn below the first one, which is named ``name``.
 
     Args:
         query_image: the full query image; query_box: its ``(x1, y1, x2, y2)`` or None.
@@ -163,45 +186,46 @@ def ranked_grid(
         out_png: where the PNG goes (parents are created).
         title: text above the grid.
         name: name of the first row (e.g. ``"global"``).
+        names, query_name: file names written under the first row's results and its query.
         rows: further :class:`GridRow` lists.
         layout: pixel geometry.
 
     Returns:
         ``out_png``; the image is exactly ``layout.size(...)`` pixels.
     """
-    all_rows = [GridRow(result_images, labels, scores, name), *rows]
+    first = GridRow(result_images, labels, scores, name, names, query_image, query_box, query_name)
+    all_rows = [first, *rows]
     for row in all_rows:
         if not len(row.images) == len(row.labels) == len(row.scores):
             raise UserError(
                 f"grid row {row.name or ''!r}: {len(row.images)} images, {len(row.labels)} "
                 f"labels, {len(row.scores)} scores; pass one of each per result"
             )
+        if row.names and len(row.names) != len(row.images):
+            raise UserError(
+                f"grid row {row.name or ''!r}: {len(row.images)} images but {len(row.names)} "
+                "file names; pass one name per result or none"
+            )
         bad = [lab for lab in row.labels if lab not in LABEL_COLORS]
         if bad:
             raise UserError(f"unknown grid label {bad[0]!r}; use positive, negative, junk or None")
     cols = 1 + max(len(row.images) for row in all_rows)
     titled = bool(title)
-    width, height = layout.size(len(all_rows), cols, titled)
+    named = any(row.names or row.query_name for row in all_rows)
+    width, height = layout.size(len(all_rows), cols, titled, named)
     canvas = np.full((height, width, 3), BACKGROUND, dtype=np.uint8)
 
-    scale, qx, qy = _paste(canvas, query_image, layout.cell_box(0, 0, titled), QUERY_COLOR, layout)
-    if query_box is not None:
-        x1, y1, x2, y2 = (float(v) for v in query_box)
-        _draw_rect(
-            canvas,
-            qx + int(x1 * scale),
-            qy + int(y1 * scale),
-            qx + int(np.ceil(x2 * scale)),
-            qy + int(np.ceil(y2 * scale)),
-            BOX_COLOR,
-            width=2,
-        )
-    captions = [(layout.cell_box(0, 0, titled), "query", 0)]
+    captions = []  # (cell box, caption, file name)
     for r, row in enumerate(all_rows):
+        if row.query is not None:
+            box = layout.cell_box(r, 0, titled, named)
+            _paste_query(canvas, row.query, row.query_box, box, layout)
+            captions.append((box, "query", row.query_name))
         for j, (image, label, score) in enumerate(zip(row.images, row.labels, row.scores)):
-            box = layout.cell_box(r, j + 1, titled)
+            box = layout.cell_box(r, j + 1, titled, named)
             _paste(canvas, image, box, LABEL_COLORS[label], layout)
-            captions.append((box, f"#{j + 1}  {float(score):.3f}", r))
+            file_name = row.names[j] if row.names else None
+            captions.append((box, f"#{j + 1}  {float(score):.3f}", file_name))
 
     fig = _new_figure(width, height)
     fig.figimage(canvas, xo=0, yo=0, origin="upper", resize=False)
@@ -214,11 +238,36 @@ def ranked_grid(
         put(layout.gap, layout.title / 2, title, fontsize=10, weight="bold")
     for r, row in enumerate(all_rows):
         if row.name:
-            y0 = layout.cell_box(r, 1, titled)[1]
-            put(layout.cell_box(r, 1, titled)[0], y0 - layout.text / 2, row.name, fontsize=8)
-    for (x0, _, x1, y1), text, _ in captions:
+            x0, y0, _, _ = layout.cell_box(r, 1, titled, named)
+            put(x0, y0 - layout.text / 2, row.name, fontsize=8)
+    for (x0, _, x1, y1), text, file_name in captions:
         put((x0 + x1) / 2, y1 + layout.text / 2, text, fontsize=7, ha="center")
+        if file_name:
+            y = y1 + layout.text + layout.name_text / 2
+            put((x0 + x1) / 2, y, _shorten(file_name, layout.cell), fontsize=6, ha="center")
     return _save(fig, out_png)
+
+
+def _paste_query(canvas, image, query_box, box, layout: GridLayout) -> None:
+    """The query in a blue frame, its box (if any) outlined in yellow."""
+    scale, qx, qy = _paste(canvas, image, box, QUERY_COLOR, layout)
+    if query_box is not None:
+        x1, y1, x2, y2 = (float(v) for v in query_box)
+        _draw_rect(
+            canvas,
+            qx + int(x1 * scale),
+            qy + int(y1 * scale),
+            qx + int(np.ceil(x2 * scale)),
+            qy + int(np.ceil(y2 * scale)),
+            BOX_COLOR,
+            width=2,
+        )
+
+
+def _shorten(file_name: str, pixels: int) -> str:
+    """The end of a file name (its most telling part) that fits ``pixels`` at 6 pt."""
+    fits = max(4, pixels // 4)  # about 4 px per character at fontsize 6 and 100 dpi
+    return file_name if len(file_name) <= fits else "…" + file_name[-(fits - 1) :]
 
 
 def ap_changes(ap_before: Sequence[float], ap_after: Sequence[float], tol: float = 1e-9) -> dict:

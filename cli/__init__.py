@@ -1,85 +1,215 @@
 """The ``locore`` command line: a thin layer over the stage functions.
 
-This is the only module that prints and configures logging. User errors (``UserError``) become
-one line on stderr and exit code 2; anything else is a bug and keeps its traceback.
+This is the only module that prints and configures logging. User errors (``UserError``) and bad
+arguments become one line on stderr and exit code 2; anything else is a bug and keeps its
+traceback. A command gets ``--config``/``--set`` only when it reads a config, so no flag is ever
+accepted and then ignored.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
 from locore.core.errors import UserError
 
 BENCH = "locore.benchmarks"
-# Subcommands implemented outside this file: name -> (module, help). Each module exposes
-# ``add_arguments(parser)`` and ``run(args) -> int``.
-COMMANDS: dict[str, tuple[str, str]] = {
-    "extract": ("locore.cli.commands", "extract local + global descriptors of an image folder"),
-    "index": ("locore.cli.commands", "extract a folder and build its global index"),
-    "search": ("locore.cli.commands", "query an index with image files (optionally re-ranked)"),
-    "rerank": ("locore.cli.commands", "re-rank a shortlist file that came from elsewhere"),
-    "eval": ("locore.cli.commands", "evaluate an index on a Revisited-format ground truth"),
-    "train": ("locore.cli.train", "train a LoCoRe re-ranker"),
-    "demo": (f"{BENCH}.demo", "run the whole pipeline on the embedded demo collection"),
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    """A subcommand implemented in ``module`` (``add_arguments(parser)`` and ``run(args)``)."""
+
+    module: str
+    help: str
+    examples: tuple[str, ...]  # shown at the end of ``--help``
+    config: str | None = "pipelines"  # configs/<kind> of its --config presets; None = no config
+
+
+COMMANDS: dict[str, Command] = {
+    "extract": Command(
+        "locore.cli.commands",
+        "extract local + global descriptors of an image folder",
+        ("locore extract --images photos/ --out feats/ --official mine",),
+    ),
+    "index": Command(
+        "locore.cli.commands",
+        "extract a folder and build its global index",
+        (
+            "locore index --images photos/ --out idx/",
+            "locore index --images photos/ --out idx/ --config dinov2_locore",
+        ),
+    ),
+    "search": Command(
+        "locore.cli.commands",
+        "query an index with image files (optionally re-ranked)",
+        (
+            "locore search q.jpg --index idx/ --rerank superglobal,locore",
+            "locore search q1.jpg q2.jpg --index idx/ --grid top.png --out results.jsonl",
+            "locore search q.jpg --index idx/ --box 40,30,200,180 --topk 100",
+        ),
+    ),
+    "rerank": Command(
+        "locore.cli.commands",
+        "re-rank a shortlist file that came from elsewhere",
+        ("locore rerank --index idx/ --shortlist nn.pkl --queries queries/ --rerank locore",),
+    ),
+    "eval": Command(
+        "locore.cli.commands",
+        "evaluate an index on a Revisited-format ground truth (format: README)",
+        (
+            "locore eval --index idx/ --gnd gnd_mine.pkl --queries queries/",
+            "locore eval --index idx/ --gnd gnd_mine.pkl --queries queries/ --rerank locore "
+            "--out eval/",
+        ),
+    ),
+    "train": Command(
+        "locore.cli.train",
+        "train a LoCoRe re-ranker",
+        ("locore train --config demo --set steps=100 --out runs/try",),
+        config="train",
+    ),
+    "join": Command(
+        "locore.cli.join",
+        "join extraction shards (--shard i/N runs) into one extraction folder",
+        ("locore join part0/ part1/ --out feats/",),
+        config=None,
+    ),
+    "demo": Command(
+        f"{BENCH}.demo",
+        "run the whole pipeline on the embedded demo collection",
+        ("locore demo --out demo_out/",),
+    ),
+    "serve": Command(
+        "locore.serve",
+        "serve an index over HTTP: search API and a web page",
+        (
+            "locore serve --index demo_out/index",
+            "LOCORE_SERVE_TOKEN=secret locore serve --index idx/ --host 0.0.0.0 --port 8080",
+        ),
+        config=None,  # the index's own config; --set is its own flag
+    ),
 }
-# ``locore bench <target>``: target -> (module, help).
-BENCH_TARGETS: dict[str, tuple[str, str]] = {
-    "revisitop": (f"{BENCH}.revisitop", "the full Revisited Oxford/Paris (+1M) benchmark"),
-    "latency": (
-        "locore.benchmarks.speed.latency",
+# ``locore bench <target>``
+BENCH_TARGETS: dict[str, Command] = {
+    "revisitop": Command(
+        f"{BENCH}.revisitop",
+        "the full Revisited Oxford/Paris (+1M) benchmark",
+        ("locore bench revisitop --dataset roxford5k --data-root data/ --out runs/rox",),
+    ),
+    "latency": Command(
+        f"{BENCH}.speed.latency",
         "per-stage latency and peak memory of one query",
+        ("locore bench latency --device cpu",),
     ),
-    "index": (f"{BENCH}.speed.index", "global index build/search speed and memory"),
-    "extract": (f"{BENCH}.speed.extract", "extractor throughput (images/s)"),
-    "rerank": (
-        "locore.benchmarks.speed.rerank",
+    "index": Command(
+        f"{BENCH}.speed.index",
+        "global index build/search speed and memory",
+        ("locore bench index --n 100000 --kinds flat hnsw",),
+        config=None,
+    ),
+    "extract": Command(
+        f"{BENCH}.speed.extract",
+        "extractor throughput (images/s)",
+        ("locore bench extract --model efficientnet_lite0 --device cpu",),
+        config=None,
+    ),
+    "rerank": Command(
+        f"{BENCH}.speed.rerank",
         "LoCoRe latency per 100-image list, both backends",
+        ("locore bench rerank --device cpu",),
+        config=None,
     ),
-    "listwise": (f"{BENCH}.synthetic_listwise", "synthetic proof of list-wise context"),
-    "superglobal": (
-        "locore.benchmarks.superglobal_latency",
+    "serve": Command(
+        f"{BENCH}.speed.serve",
+        "load test of `locore serve` on the demo index: errors, throughput, latency",
+        ("locore bench serve --clients 50 --duration 60",),
+        config=None,
+    ),
+    "listwise": Command(
+        f"{BENCH}.synthetic_listwise",
+        "synthetic proof of list-wise context",
+        ("locore bench listwise --steps 2000",),
+        config=None,
+    ),
+    "superglobal": Command(
+        f"{BENCH}.superglobal_latency",
         "SuperGlobal re-ranking latency per query",
+        ("locore bench superglobal --device cpu",),
+        config=None,
     ),
-    "fusion-grid": (
-        "locore.benchmarks.fusion_grid",
+    "offline": Command(
+        f"{BENCH}.offline",
+        "offline re-ranking chains on the demo and a held-out collection, one table",
+        ("locore bench offline --out runs/offline",),
+    ),
+    "fusion-grid": Command(
+        f"{BENCH}.fusion_grid",
         "choose LoCoRe's fusion alpha/tau on cached logits",
+        ("locore bench fusion-grid --cache runs/gldv2 --out runs/grid",),
+        config=None,
+    ),
+    "gpu": Command(
+        f"{BENCH}.speed.gpu",
+        "the GPU suite in one run: LoCoRe, training, extraction, sliding, search",
+        ("locore bench gpu --out runs/gpu", "locore bench gpu --smoke --device cpu --out /tmp/g"),
+        config=None,
     ),
 }
 
 
-def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--config", default=None, help="preset name from configs/pipelines or a YAML path"
-    )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set search.topk=100 (repeatable)",
-    )
+class Parser(argparse.ArgumentParser):
+    """An argument error is a :class:`UserError`: one line on stderr, exit code 2."""
+
+    def error(self, message: str):
+        raise UserError(f"{self.prog}: {message}; see `{self.prog} --help`")
+
+
+def _epilog(examples: Sequence[str]) -> str:
+    return "examples:\n" + "\n".join(f"  {e}" for e in examples)
+
+
+def _add_common(parser: argparse.ArgumentParser, kind: str | None) -> None:
+    if kind is not None:
+        parser.add_argument(
+            "--config", default=None, help=f"preset name from configs/{kind} or a YAML path"
+        )
+        parser.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a config key, e.g. --set search.topk=100 (repeatable)",
+        )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
-def _plug(subparsers, name: str, module: str, help_text: str, key: str) -> None:
-    parser = subparsers.add_parser(name, help=help_text, description=help_text)
-    _add_common(parser)
+def _plug(subparsers, name: str, command: Command, key: str) -> None:
+    parser = subparsers.add_parser(
+        name,
+        help=command.help,
+        description=command.help,
+        epilog=_epilog(command.examples),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_common(parser, command.config)
     try:
-        mod = importlib.import_module(module)
+        mod = importlib.import_module(command.module)
         # A module may serve several commands (add_<name>_arguments / run_<name>) or one.
         add = getattr(mod, f"add_{key}_arguments", None) or mod.add_arguments
         add(parser)
         parser.set_defaults(_run=getattr(mod, f"run_{key}", None) or mod.run)
     except ModuleNotFoundError as err:
-        if err.name is None or not module.startswith(err.name):
+        if err.name is None or not command.module.startswith(err.name):
             raise
 
-        def missing(args: argparse.Namespace, _module: str = module) -> int:
+        def missing(args: argparse.Namespace, _module: str = command.module) -> int:
             raise UserError(f"`locore {name}` is not available in this build ({_module} missing)")
 
         parser.set_defaults(_run=missing)
@@ -87,24 +217,41 @@ def _plug(subparsers, name: str, module: str, help_text: str, key: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The full ``locore`` parser (also used by the tests and the README)."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="locore",
         description="Two-stage image retrieval: global search + LoCoRe list-wise re-ranking.",
+        epilog=_epilog(("locore demo --out demo_out/", "locore index --images photos/ --out idx/")),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (module, help_text) in COMMANDS.items():
-        _plug(sub, name, module, help_text, name)
-    bench = sub.add_parser("bench", help="benchmarks (accuracy, speed, memory)")
+    for name, command in COMMANDS.items():
+        _plug(sub, name, command, name)
+    bench_help = "benchmarks: accuracy, speed and memory, each printed and written as a report"
+    bench = sub.add_parser(
+        "bench",
+        help=bench_help,
+        description=bench_help,
+        epilog=_epilog(("locore bench latency --device cpu", "locore bench revisitop --help")),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     bench_sub = bench.add_subparsers(dest="target", required=True, metavar="TARGET")
-    for name, (module, help_text) in BENCH_TARGETS.items():
-        _plug(bench_sub, name, module, help_text, "bench")
+    for name, command in BENCH_TARGETS.items():
+        _plug(bench_sub, name, command, "bench")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``locore`` console script."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    if not sys.stderr.isatty() and "tqdm" not in sys.modules:
+        # A log file gets log lines only: progress-bar frames (carriage returns) would interleave
+        # with them. tqdm reads this when first imported, which building the parser does; on a
+        # terminal, logging_redirect_tqdm below keeps bars and log lines apart.
+        os.environ.setdefault("TQDM_DISABLE", "1")
+    try:
+        args = build_parser().parse_args(argv)
+    except UserError as err:
+        print(f"locore: error: {err}", file=sys.stderr)
+        return 2
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",

@@ -1,6 +1,6 @@
 """``locore train --config NAME_OR_PATH [--set key=value ...]``.
 
-The same entry point serves a plain CPU run and ``torchrun --nproc-per-node=N -m engine train``
+The same entry point serves a plain CPU run and ``torchrun --nproc-per-node=N -m locore train``
 (DDP, one process per GPU): :func:`locore.rerank.train.loop.train` reads ``RANK``/``WORLD_SIZE``.
 """
 

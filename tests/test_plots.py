@@ -31,9 +31,11 @@ def _pixels(path: Path) -> np.ndarray:
         return np.asarray(im.convert("RGB"))
 
 
-def _frame_pixel(image: np.ndarray, layout: GridLayout, row: int, col: int, titled: bool):
+def _frame_pixel(
+    image: np.ndarray, layout: GridLayout, row: int, col: int, titled: bool, named: bool = False
+):
     """A pixel in the middle of a cell's left frame strip."""
-    x0, y0, _, y1 = layout.cell_box(row, col, titled)
+    x0, y0, _, y1 = layout.cell_box(row, col, titled, named)
     return tuple(image[(y0 + y1) // 2, x0 + layout.border // 2])
 
 
@@ -133,3 +135,46 @@ def test_ap_delta_bars(tmp_path: Path):
         assert (np.abs(image.astype(int) - colour).sum(axis=2) < 10).sum() > 20
     with pytest.raises(UserError, match="12 APs before but 3 after"):
         ap_delta_bars(before, after[:3], tmp_path / "x.png")
+
+
+def test_ranked_grid_of_several_queries_with_file_names(tmp_path: Path):
+    """A row per query (each with its own blue query frame), and a name strip under captions."""
+    layout = GridLayout(thumb=40, border=4)
+    image = RNG.integers(0, 255, (30, 50, 3), dtype=np.uint8)
+    second = GridRow(
+        [image] * 3,
+        ["negative", None, "junk"],
+        [0.5, 0.4, 0.3],
+        name="q2.jpg",
+        names=["a.jpg", "b.jpg", "a_very_long_folder_name/with/a_long_file_name.jpg"],
+        query=image,
+        query_box=(0, 0, 10, 10),
+        query_name="q2.jpg",
+    )
+    out = ranked_grid(
+        image,
+        None,
+        [image] * 2,
+        ["positive", "positive"],
+        [0.9, 0.8],
+        tmp_path / "g.png",
+        names=["c.jpg", "d.jpg"],
+        query_name="q1.jpg",
+        rows=[second],
+        layout=layout,
+    )
+    pixels = _pixels(out)
+    width, height = layout.size(rows=2, cols=4, titled=False, named=True)
+    assert pixels.shape == (height, width, 3)
+    assert height - layout.size(rows=2, cols=4, titled=False)[1] == 2 * layout.name_text
+    for row in (0, 1):
+        assert _frame_pixel(pixels, layout, row, 0, False, named=True) == QUERY_COLOR
+    assert _frame_pixel(pixels, layout, 1, 3, False, named=True) == LABEL_COLORS["junk"]
+    with pytest.raises(UserError, match="3 images but 1 file names"):
+        ranked_grid(
+            image, None, [image] * 3, [None] * 3, [1.0] * 3, tmp_path / "x.png", names=["a"]
+        )
+    (tmp_path / "folder.png").mkdir()
+    with pytest.raises(UserError, match="is a folder"):
+        ranked_grid(image, None, [image], [None], [1.0], tmp_path / "folder.png")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder.png", "g.png"]

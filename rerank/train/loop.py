@@ -1,7 +1,7 @@
 """The training loop: AdamW, accumulation, clipping, checkpointing, bf16, exact resume, logs, DDP.
 
 One entry point for every setting: ``locore train`` on a CPU, or ``torchrun --nproc-per-node=N
--m engine train ...`` on N GPUs (DDP is used whenever ``WORLD_SIZE > 1``). Checkpoints
+-m locore train ...`` on N GPUs (DDP is used whenever ``WORLD_SIZE > 1``). Checkpoints
 (``checkpoint-<step>/``) hold ``model.safetensors`` + ``config.json`` (loadable by
 ``LocoreModel.from_pretrained``), ``trainer_state.pt`` (optimizer, scheduler, step, log) and one
 ``rng_state_<rank>.pt`` per process, so a resumed run continues the loss curve exactly. Which
