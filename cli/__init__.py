@@ -154,11 +154,22 @@ BENCH_TARGETS: dict[str, Command] = {
         ("locore bench fusion-grid --cache runs/gldv2 --out runs/grid",),
         config=None,
     ),
+    "scale": Command(
+        f"{BENCH}.scale",
+        "ROxf+1M at N distractors: synthetic release, the real command, time/memory per stage",
+        ("locore bench scale --n 10000,100000 --out runs/scale",),
+        config=None,
+    ),
     "gpu": Command(
         f"{BENCH}.speed.gpu",
         "the GPU suite in one run: LoCoRe, training, extraction, sliding, search",
         ("locore bench gpu --out runs/gpu", "locore bench gpu --smoke --device cpu --out /tmp/g"),
         config=None,
+    ),
+    "ray": Command(
+        f"{BENCH}.speed.ray_extract",
+        "extraction throughput on Ray with 1, 2, ... workers against one process",
+        ("locore bench ray --images demo_out/collection/jpg --workers 1 2",),
     ),
 }
 

@@ -22,6 +22,8 @@ import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 from huggingface_hub import try_to_load_from_cache
 
@@ -259,6 +261,43 @@ def add_extract_arguments(p: argparse.ArgumentParser) -> None:
         metavar="PREFIX",
         help="also write PREFIX_local.hdf5 (flat float32) and PREFIX_global.pt in --out",
     )
+    _add_ray_arguments(p, chunks=True)
+
+
+def _add_ray_arguments(p: argparse.ArgumentParser, chunks: bool = False) -> None:
+    """``--ray`` and its options (docs/DISTRIBUTED.md); Ray itself is the optional extra."""
+    group = p.add_argument_group("Ray (pip install locore[ray]; see docs/DISTRIBUTED.md)")
+    group.add_argument("--ray", action="store_true", help="run on a Ray cluster")
+    group.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster: auto, ray://head:10001 (default: this machine)",
+    )
+    group.add_argument("--ray-workers", type=int, default=None, help="actors (default: per GPU)")
+    group.add_argument("--ray-cpus-per-worker", type=float, default=1, help="CPUs per actor")
+    if chunks:
+        group.add_argument("--ray-chunk", type=int, default=1000, help="images per shard")
+
+
+def _ray_job(args: argparse.Namespace) -> tuple[ModuleType, Any] | None:
+    """``(locore.distributed, RayOptions)`` for ``--ray``, else None; Ray options without
+    ``--ray`` are refused. Ray is an optional extra, so it is imported only when asked for."""
+    given = [f for f in ("address", "ray_workers") if getattr(args, f) is not None]
+    if not args.ray:
+        if given:
+            raise UserError(f"--{given[0].replace('_', '-')} needs --ray")
+        return None
+    try:
+        from locore import distributed
+    except ModuleNotFoundError as err:
+        raise UserError(f"--ray needs {err.name}: pip install 'locore[ray]'") from None
+    options = distributed.RayOptions(
+        address=args.address,
+        workers=args.ray_workers,
+        cpus_per_worker=args.ray_cpus_per_worker,
+        chunk=getattr(args, "ray_chunk", 1000),
+    )
+    return distributed, options
 
 
 def run_extract(args: argparse.Namespace) -> int:
@@ -268,17 +307,25 @@ def run_extract(args: argparse.Namespace) -> int:
     watch = Stopwatch()
     files = list_images(images)
     items = shard_items([Item(str(p.relative_to(images)), p) for p in files], shard)
+    ray_job = _ray_job(args)
+    if ray_job and shard is not None:
+        raise UserError("--shard and --ray do not go together: Ray splits the work itself")
     cfg.save(config, out / "config.yaml")
+    attrs = {"extractor": config.extractor.name}
     with watch("extract"):
-        report = extract(
-            build_extractor(config.extractor),
-            items,
-            out,
-            batch_size=config.extractor.batch_size,
-            num_workers=config.extractor.num_workers,
-            store_dtype=config.extractor.store_dtype,
-            attrs={"extractor": config.extractor.name},
-        )
+        if ray_job:
+            distributed, options = ray_job
+            report = distributed.extract_on_ray(config.extractor, items, out, options, attrs)
+        else:
+            report = extract(
+                build_extractor(config.extractor),
+                items,
+                out,
+                batch_size=config.extractor.batch_size,
+                num_workers=config.extractor.num_workers,
+                store_dtype=config.extractor.store_dtype,
+                attrs=attrs,
+            )
     if args.official:
         done = {name for name, _ in report.skipped}
         order = [it.name for it in items if it.name not in done]
@@ -337,6 +384,7 @@ def add_search_arguments(p: argparse.ArgumentParser) -> None:
         "--grid", type=Path, default=None, help="PNG of the top results, a row per query"
     )
     _add_query_arguments(p, "results as JSON Lines, one query a line (fields: README)")
+    _add_ray_arguments(p)
 
 
 def run_search(args: argparse.Namespace) -> int:
@@ -399,6 +447,7 @@ def add_rerank_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_rerank(args: argparse.Namespace) -> int:
     queries_dir, out = image_folder(args.queries, "--queries"), output_file(args.out, "--out")
+    ray_job = _ray_job(args)
     watch = Stopwatch()
     with watch("open index"):
         handle = open_query_index(args)
@@ -424,7 +473,14 @@ def run_rerank(args: argparse.Namespace) -> int:
         with watch("extract queries"):
             queries = extract_queries(extractor, paths)
         with watch("re-rank"):
-            result = rerank_chain(config.search.rerank, queries, shortlist, handle.database)
+            if ray_job:
+                distributed, options = ray_job
+                stages = config.search.rerank
+                result = distributed.rerank_on_ray(
+                    handle.directory, stages, queries, shortlist, options
+                )
+            else:
+                result = rerank_chain(config.search.rerank, queries, shortlist, handle.database)
         records = result_records(to_results(paths, None, shortlist, result), handle.names)
         for record in records:
             print(format_table(record, config.search.show))

@@ -32,7 +32,7 @@ import torch
 
 from locore.core.errors import UserError
 from locore.core.layout import LOCAL_FILE
-from locore.engine.config import ExtractorConfig
+from locore.engine.config import ExtractorConfig, StageConfig
 from locore.engine.extract import SKIPPED_FILE, ExtractReport, Item, extract
 from locore.engine.join import join_extractions
 from locore.engine.pipeline import build_extractor, open_index, rerank_chain
@@ -194,9 +194,10 @@ def extract_on_ray(
 class _RerankBlocks:
     """Ray Data actor: opens the index once, runs the configured chain on blocks of queries."""
 
-    def __init__(self, index: str, overrides: Sequence[str], threads: int):
+    def __init__(self, index: str, stages: Sequence[StageConfig], threads: int):
         torch.set_num_threads(max(1, threads))
-        self.handle = open_index(Path(index), overrides)
+        self.handle = open_index(Path(index))
+        self.stages = stages
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         local = batch.get("local")
@@ -205,9 +206,7 @@ class _RerankBlocks:
             np.stack(batch["global"]), None if local is None else np.stack(local), junk
         )
         shortlist = Shortlist(np.stack(batch["ids"]), np.stack(batch["sims"]))
-        result = rerank_chain(
-            self.handle.config.search.rerank, queries, shortlist, self.handle.database
-        )
+        result = rerank_chain(self.stages, queries, shortlist, self.handle.database)
         return {
             "row": batch["row"],
             "ids": result.ids,
@@ -218,13 +217,13 @@ class _RerankBlocks:
 
 def rerank_on_ray(
     index: Path,
+    stages: Sequence[StageConfig],
     queries: Queries,
     shortlist: Shortlist,
-    overrides: Sequence[str] = (),
     options: RayOptions = RayOptions(),
 ) -> RerankResult:
-    """Re-rank ``shortlist`` ``[Q, M]`` with the chain of the index at ``index`` (and
-    ``overrides``) on Ray actors; the result is in query order, as one process returns it."""
+    """Re-rank ``shortlist`` ``[Q, M]`` of the index at ``index`` with the chain ``stages`` on Ray
+    actors; the result is in query order, as :func:`rerank_chain` in one process returns it."""
     connect(options.address)
     gpus = _gpus_per_worker("auto")
     rows = []
@@ -247,7 +246,7 @@ def rerank_on_ray(
             _RerankBlocks,
             fn_constructor_kwargs={
                 "index": str(index),
-                "overrides": list(overrides),
+                "stages": tuple(stages),
                 "threads": int(options.cpus_per_worker),
             },
             batch_size=options.queries_per_task,

@@ -170,9 +170,18 @@ def test_ray_reranking_equals_one_process(cluster, collection, tmp_path, one_thr
         want = rerank_chain(config.search.rerank, queries, shortlist, handle.database)
     finally:
         handle.close()
-    got = rerank_on_ray(
-        tmp_path / "index", queries, shortlist, options=RayOptions(workers=2, queries_per_task=1)
-    )
+    options = RayOptions(workers=2, queries_per_task=1)
+    got = rerank_on_ray(tmp_path / "index", config.search.rerank, queries, shortlist, options)
     assert np.array_equal(got.ids, want.ids)
     assert np.array_equal(got.scores, want.scores)
     assert np.array_equal(got.before, want.before)
+
+
+def test_cli_extract_on_ray(cluster, collection, reference, tmp_path, capsys):
+    root, _ = collection
+    args = ["extract", "--images", str(root / "jpg"), "--out", str(tmp_path / "out")]
+    args += ["--config", "demo", "--set", "extractor.batch_size=2"]
+    assert main([*args, "--ray", "--ray-workers", "2", "--ray-chunk", "4"]) == 0
+    assert_same(by_name(tmp_path / "out"), reference)
+    assert main([*args, "--address", "auto"]) == 2
+    assert capsys.readouterr().err.strip().endswith("--address needs --ray")
