@@ -20,17 +20,23 @@ class ArrayStore:
     """In-memory stand-in for ``indexing.local_store.LocalStore``: rows in the official layout."""
 
     def __init__(self, rows: np.ndarray):
-        self.rows = rows
+        self.table = rows
+        self.path = "<in memory>"
         self.dim = rows.shape[-1] - NUM_META
         self.num_local = rows.shape[1]
         self.requests: list[np.ndarray] = []
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.table)
+
+    def rows(self, ids: np.ndarray, L: int | None = None) -> np.ndarray:  # noqa: N803
+        """``[n, L, 5 + D]`` rows of images ``ids``, as ``LocalStore.rows``."""
+        self.requests.append(np.asarray(ids).copy())
+        return self.table[np.asarray(ids)][:, :L]
 
     def gather(self, ids: np.ndarray, L: int) -> LocalBatch:  # noqa: N803 (store API name)
         self.requests.append(ids.copy())
-        rows = self.rows[ids][..., :L, :]
+        rows = self.table[ids][..., :L, :]
         return LocalBatch(
             descriptors=rows[..., NUM_META:],
             scales=rows[..., 2].astype(np.int64),
@@ -48,7 +54,7 @@ class StandInModel(nn.Module):
 
     def __init__(self, strength: float = 1.0, use_global: bool = True):
         super().__init__()
-        self.config = types.SimpleNamespace(use_global=use_global, num_local=4)
+        self.config = types.SimpleNamespace(use_global=use_global, num_local=4, num_scales=3)
         self.strength = nn.Parameter(torch.tensor(float(strength)))
         self.seen: list[object] = []
 

@@ -56,9 +56,9 @@ def test_ranks_change_when_the_scorer_says_so():
     # Make the last shortlisted image of query 0 a scaled copy of the query: its relevance
     # dominates every window it enters, so end-to-start carries it from rank 40 to rank 1.
     target = shortlist.ids[0, 39]
-    database.store.rows[target] = 0
-    database.store.rows[target, : STORED - 1] = queries.local_rows[0]
-    database.store.rows[target, : STORED - 1, NUM_META:] *= 3
+    database.store.table[target] = 0
+    database.store.table[target, : STORED - 1] = queries.local_rows[0]
+    database.store.table[target, : STORED - 1, NUM_META:] *= 3
     database.global_desc[target] = 3 * queries.global_desc[0]
     stage = reranker(sliding="end-to-start", topk=40, window=10, stride=5, alpha=0.0, temp=1.0)
     out = stage.rerank(queries, shortlist, database)
@@ -126,7 +126,7 @@ def test_model_receives_locals_masks_scales_and_globals():
     # Query rows hold 5 locals; num_local = 4 keeps the first (highest-weight) 4.
     np.testing.assert_array_equal(x.query_local.numpy(), queries.local_rows[:, :4, NUM_META:])
     np.testing.assert_array_equal(x.query_scales.numpy(), [[0, 1, 2, 0]] * 2)
-    rows = database.store.rows[shortlist.ids[:, :10]][:, :, :4]
+    rows = database.store.table[shortlist.ids[:, :10]][:, :, :4]
     np.testing.assert_array_equal(x.gallery_mask.numpy(), rows[..., 3] != 0)
     np.testing.assert_array_equal(x.gallery_local.numpy(), rows[..., NUM_META:])
     np.testing.assert_array_equal(
@@ -171,9 +171,20 @@ def test_user_errors():
         )
 
 
+@pytest.mark.parametrize("column, value", [(2, 7.0), (2, -1.0), (NUM_META + 1, np.nan)])
+def test_damaged_rows_are_refused_with_the_image_named(column, value):
+    """A store overwritten in place (no checksums) must not reach the model: a scale id outside
+    the model's table or a non-finite descriptor names the image instead of failing inside."""
+    queries, shortlist, database = collection(num_q=1)
+    victim = int(shortlist.ids[0, 0])
+    database.store.table[victim, 0, column] = value
+    with pytest.raises(UserError, match=f"image id {victim} holds scale ids outside 0..2"):
+        reranker().rerank(queries, shortlist, database)
+
+
 def test_reads_the_real_local_store(tmp_path):
     queries, shortlist, database = collection(num_q=3)
-    rows = database.store.rows
+    rows = database.store.table
     with LocalStoreWriter(tmp_path / "local.h5", rows.shape[1], DIM, dtype="float32") as writer:
         writer.append([f"img{i}" for i in range(len(rows))], rows)
     options = dict(sliding="start-to-end-to-start", topk=21, window=6, stride=4, batch_size=2)

@@ -119,9 +119,26 @@ class LocoreScorer:
         sliding_sum = options.mode == "max-sum" and options.sliding is not None
         self.scale = 1.0 / (n + int(self.use_global) + 1) if sliding_sum else 1.0
 
+    def _check_rows(self, scales: np.ndarray, descriptors: np.ndarray, ids: np.ndarray) -> None:
+        """Refuse damaged rows (a store without checksums, overwritten in place): scale ids must
+        index the model's scale table and descriptors must be finite, or the forward pass would
+        fail deep inside the model or score garbage. ``scales`` ``[B, G, L]``, ids ``[B, G]``."""
+        num_scales = self.model.config.num_scales
+        bad = ((scales < 0) | (scales >= num_scales)).any(-1) | ~np.isfinite(descriptors).all(
+            (-2, -1)
+        )
+        if bad.any():
+            image = int(ids[np.nonzero(bad)][0])
+            raise UserError(
+                f"local store {self.database.store.path}: image id {image} holds scale ids outside "
+                f"0..{num_scales - 1} or non-finite values, so the store is damaged; rebuild it "
+                "with `locore index`"
+            )
+
     def __call__(self, rows: np.ndarray, ids: np.ndarray) -> np.ndarray:
         """Raw ``mode`` scores ``[B, G]`` of gallery ``ids`` ``[B, G]`` for query ``rows``."""
         local = self.database.store.gather(ids, self.options.num_local)
+        self._check_rows(local.scales, local.descriptors, ids)
         glob = self.use_global
         inputs = LocoreInputs(
             query_local=self._tensor(self.query_local[rows]),
