@@ -24,10 +24,8 @@ import dataclasses
 import json
 import logging
 import platform
-import resource
 import statistics
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -69,16 +67,20 @@ class StageTiming:
 
 
 class PeakMemory:
-    """Peak memory growth of a block (context manager); ``mib`` after exit."""
+    """Peak memory growth of a block (context manager); ``mib`` after exit.
+
+    CPU: the kernel's resident-set high-water mark (``VmHWM``), reset on entry through
+    ``/proc/self/clear_refs``, so a peak freed inside the block is seen without sampling.
+    """
 
     def __init__(self, device: torch.device):
         self.device = device
         self.mib = 0.0
 
     @staticmethod
-    def _rss() -> int:
-        with open("/proc/self/statm") as fh:
-            return int(fh.read().split()[1]) * resource.getpagesize()
+    def _status_kib(field: str) -> int:
+        with open("/proc/self/status") as fh:
+            return next(int(line.split()[1]) for line in fh if line.startswith(field + ":"))
 
     def __enter__(self) -> PeakMemory:
         if self.device.type == "cuda":
@@ -86,16 +88,9 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.base = torch.cuda.memory_allocated(self.device)
             return self
-        self.base = self.peak = self._rss()
-        self.stop = threading.Event()
-
-        def sample() -> None:
-            while not self.stop.is_set():
-                self.peak = max(self.peak, self._rss())
-                time.sleep(0.001)
-
-        self.thread = threading.Thread(target=sample, daemon=True)
-        self.thread.start()
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")  # reset VmHWM to the current resident set
+        self.base = self._status_kib("VmRSS") * 1024
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -103,10 +98,7 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             self.mib = (torch.cuda.max_memory_allocated(self.device) - self.base) / 2**20
             return
-        self.stop.set()
-        self.thread.join()
-        self.peak = max(self.peak, self._rss())
-        self.mib = (self.peak - self.base) / 2**20
+        self.mib = (self._status_kib("VmHWM") * 1024 - self.base) / 2**20
 
 
 def time_stage(
@@ -141,8 +133,9 @@ def _unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def _store(path: Path, rng: np.random.Generator, n: int, k: int, dim: int, dtype: str):
-    """An HDF5 local store of ``n`` random images written with the real writer."""
+def random_store(path: Path, rng: np.random.Generator, n: int, k: int, dim: int, dtype: str):
+    """An HDF5 local store of ``n`` random images written with the real writer (valid rows:
+    scale 0, no padding, weights descending, so LoCoRe can read them)."""
     with LocalStoreWriter(path, num_local=k, dim=dim, dtype=dtype) as writer:
         for lo in range(0, n, 256):
             m = min(256, n - lo)
@@ -192,7 +185,7 @@ def measure(args: argparse.Namespace, extractor_config) -> tuple[list[StageTimin
 
     with tempfile.TemporaryDirectory() as tmp:
         n_store = max(args.store_images, args.topk)
-        store = _store(Path(tmp) / "local.h5", rng, n_store, num_local, local_dim, "float16")
+        store = random_store(Path(tmp) / "local.h5", rng, n_store, num_local, local_dim, "float16")
         ids = ids % n_store
         timings.append(
             time_stage(
