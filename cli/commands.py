@@ -310,6 +310,8 @@ def run_extract(args: argparse.Namespace) -> int:
     ray_job = _ray_job(args)
     if ray_job and shard is not None:
         raise UserError("--shard and --ray do not go together: Ray splits the work itself")
+    check_config(config)  # before anything is written; the extractor is built where it runs
+    extractor = None if ray_job else build_extractor(config.extractor)
     cfg.save(config, out / "config.yaml")
     attrs = {"extractor": config.extractor.name}
     with watch("extract"):
@@ -318,7 +320,7 @@ def run_extract(args: argparse.Namespace) -> int:
             report = distributed.extract_on_ray(config.extractor, items, out, options, attrs)
         else:
             report = extract(
-                build_extractor(config.extractor),
+                extractor,
                 items,
                 out,
                 batch_size=config.extractor.batch_size,
@@ -384,7 +386,6 @@ def add_search_arguments(p: argparse.ArgumentParser) -> None:
         "--grid", type=Path, default=None, help="PNG of the top results, a row per query"
     )
     _add_query_arguments(p, "results as JSON Lines, one query a line (fields: README)")
-    _add_ray_arguments(p)
 
 
 def run_search(args: argparse.Namespace) -> int:
@@ -443,6 +444,7 @@ def add_rerank_arguments(p: argparse.ArgumentParser) -> None:
         help="folder of query images, in the shortlist's row order (sorted names)",
     )
     _add_query_arguments(p, "results as JSON Lines, one query a line (fields: README)")
+    _add_ray_arguments(p)
 
 
 def run_rerank(args: argparse.Namespace) -> int:

@@ -11,12 +11,19 @@ sees full batches even when a collection mixes sizes. Output directory:
 
 Crash safety: a batch's global rows are written and flushed before the store commits the batch,
 and on restart the global file is cut back to the store's committed row count, so the two never
-disagree and nothing committed is lost. Names already in the store are skipped.
+disagree and nothing committed is lost. Names already in the store are skipped. The store is
+allocated for the whole job up front, so it never grows (nor wastes disk) during a run.
+
+Removing images (:func:`prune`) rewrites both files without them, as temporary files, then
+renames them into place under a journal (``swap.json``): a run killed between the two renames is
+completed by the next :func:`recover`, which every writer calls first and which also deletes the
+temporary files a killed run left.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -26,16 +33,26 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from locore.core.atomic import (
+    TMP_PREFIX,
+    atomic_open,
+    clean_leftovers,
+    fsync_dir,
+    write_bytes,
+    write_text,
+)
 from locore.core.errors import UserError
 from locore.core.layout import GLOBAL_FILE, LOCAL_FILE
 from locore.feature_extractors.base import Extractor, ImageFeatures
 from locore.feature_extractors.io import load_image
-from locore.indexing.local_store import LocalStore, LocalStoreWriter
+from locore.indexing.local_store import LocalStore, LocalStoreWriter, copy_rows
 from locore.indexing.shortlist import read_raw_globals
 
 logger = logging.getLogger(__name__)
 
 SKIPPED_FILE = "skipped.tsv"
+SWAP_FILE = "swap.json"  # journal of a prune's renames: {temporary name: final name}
+PRUNE_ROWS = 65_536  # global rows copied at once by prune
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,9 +183,11 @@ def extract(
         dim=extractor.local_dim,
         dtype=store_dtype,
         attrs=attrs,
+        capacity=len(items),
     ) as store:
         stored = set(store.names)
         todo = [it for it in items if it.name not in stored]
+        store.reserve(store.committed + len(todo))
         globals_out = _GlobalAppender(out_dir / GLOBAL_FILE, extractor.global_dim, len(stored))
         loader = torch.utils.data.DataLoader(
             _Decode(todo, extractor),
@@ -188,19 +207,69 @@ def extract(
                     bar.update(len(ids))
         finally:
             globals_out.close()
-    _append_skipped(out_dir / SKIPPED_FILE, skipped)
+        stored = set(store.names)
+    _update_skipped(out_dir / SKIPPED_FILE, skipped, [n for n in names if n not in stored])
     return ExtractReport(len(items), len(todo) - len(skipped), len(items) - len(todo), skipped)
 
 
-def _append_skipped(path: Path, skipped: list[tuple[str, str]]) -> None:
-    """Keep one line per skipped name (a rerun that skips it again does not duplicate it)."""
+def _update_skipped(path: Path, skipped: list[tuple[str, str]], missing: list[str]) -> None:
+    """One line per name of the list still missing from the store: this run's reason, else the
+    one recorded earlier (names since extracted or no longer listed drop out)."""
     known = {}
     if path.exists():
         for line in path.read_text().splitlines():
             name, _, reason = line.partition("\t")
             known[name] = reason
     known.update(dict(skipped))
-    path.write_text("".join(f"{n}\t{r}\n" for n, r in known.items()))
+    lines = [f"{n}\t{known[n]}\n" for n in missing if n in known]
+    if lines or path.exists():
+        write_text(path, "".join(lines))
+
+
+def prune(out_dir: Path, keep: Sequence[str], global_dim: int, attrs: dict | None = None) -> None:
+    """Keep only the images ``keep`` of an extraction folder, in their stored order.
+
+    Both files are rewritten (the store through its checksums, bit for bit) and swapped in under
+    the journal described in the module doc. Ids change: image ``i`` of the result is the
+    ``i``-th kept one. ``attrs`` update the store's attributes.
+    """
+    out_dir = Path(out_dir)
+    wanted = set(keep)
+    with LocalStore(out_dir / LOCAL_FILE) as store:
+        ids = [i for i, name in enumerate(store.names) if name in wanted]
+        count = len(store)
+    tmp_local = out_dir / f"{TMP_PREFIX}{LOCAL_FILE}"
+    tmp_global = out_dir / f"{TMP_PREFIX}{GLOBAL_FILE}"
+    for leftover in (tmp_local, tmp_global):
+        leftover.unlink(missing_ok=True)
+    copy_rows(out_dir / LOCAL_FILE, tmp_local, ids, attrs)
+    globals_ = read_raw_globals(out_dir / GLOBAL_FILE, global_dim, count, prefix=True)
+    with open(tmp_global, "wb") as f:
+        for start in range(0, len(ids), PRUNE_ROWS):
+            part = globals_[ids[start : start + PRUNE_ROWS]]
+            f.write(np.ascontiguousarray(part, dtype="<f4").tobytes())
+        f.flush()
+        os.fsync(f.fileno())
+    write_text(
+        out_dir / SWAP_FILE, json.dumps({tmp_local.name: LOCAL_FILE, tmp_global.name: GLOBAL_FILE})
+    )
+    recover(out_dir)
+
+
+def recover(out_dir: Path) -> None:
+    """Finish the renames of an interrupted :func:`prune`, then delete temporary files left by
+    killed writers. Call it before writing to ``out_dir``, with no other writer running."""
+    out_dir = Path(out_dir)
+    journal = out_dir / SWAP_FILE
+    if journal.exists():
+        for src, dst in json.loads(journal.read_text()).items():
+            if (out_dir / src).exists():
+                os.replace(out_dir / src, out_dir / dst)
+        fsync_dir(out_dir)
+        journal.unlink()
+        fsync_dir(out_dir)
+    for path in clean_leftovers(out_dir):
+        logger.info("removed %s, left by a killed run", path)
 
 
 def export_official(out_dir: Path, order: Sequence[str], dest: Path, prefix: str) -> list[Path]:
@@ -221,10 +290,10 @@ def export_official(out_dir: Path, order: Sequence[str], dest: Path, prefix: str
             raise UserError(f"{missing[0]!r} is not in {out_dir}; extract it before exporting")
         ids = np.array([position[n] for n in order], dtype=np.int64)
         local_path = dest / f"{prefix}_local.hdf5"
-        with h5py.File(local_path, "w") as f:
+        with atomic_open(local_path, "w+b") as raw, h5py.File(raw, "w") as f:
             f.create_dataset("features", data=store.rows(ids), dtype="float32")
         dim = os.path.getsize(out_dir / GLOBAL_FILE) // (4 * max(len(store), 1))
         globals_ = read_raw_globals(out_dir / GLOBAL_FILE, dim, len(store), prefix=True)
     global_path = dest / f"{prefix}_global.pt"
-    np.ascontiguousarray(globals_[ids], dtype="<f4").tofile(global_path)
+    write_bytes(global_path, np.ascontiguousarray(globals_[ids], dtype="<f4").tobytes())
     return [local_path, global_path]

@@ -2,40 +2,68 @@
 
 An index directory holds everything a search needs:
 
-    config.yaml   the merged configuration that built it (extractor options included)
+    config.yaml   the merged configuration of the last ``build_index`` (extractor options included)
+    files.json    the image folder and a fingerprint (size, mtime, SHA-256) of every file in it
     local.h5      local descriptors (locore.indexing.local_store), global.f32 global descriptors
     faiss/        the global index (locore.indexing.global_index) with the id -> name table
     skipped.tsv   files that could not be indexed, with the reason
+    .lock         held by the one ``build_index`` allowed to write the folder at a time
+
+The index mirrors its folder: ``build_index`` on an existing index compares every file's
+fingerprint with the one it was extracted from, extracts new and changed files, removes deleted
+ones and refills the global index (without training again when the kind and options are
+unchanged). Removing images compacts the store (``locore.engine.extract.prune``): the kept images
+keep their order, so ids shift down over the removed ones, and changed or new images are
+appended at the end. Only names and descriptors are promised to equal a fresh build's, not ids.
+``--images`` may name the same collection at a new path: names are paths relative to it.
+
+Validate, then write: the whole config is checked (and the extractor built) before anything is
+written, and a resume is refused only when a setting that changes the stored descriptors differs
+(:func:`descriptor_settings`); batch size, device, workers, index and search settings may change.
+The same rule refuses a query-time ``--set`` that would describe queries unlike the index.
 
 Every function here is called by the CLI and by tests; none prints.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
+import inspect
+import json
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from locore.core import config as cfg
+from locore.core.atomic import write_text
 from locore.core.device import resolve_device
+from locore.core.digest import Fingerprint, fingerprint
 from locore.core.errors import UserError
-from locore.core.layout import GLOBAL_FILE
+from locore.core.layout import GLOBAL_FILE, LOCAL_FILE
 from locore.engine.config import ExtractorConfig, PipelineConfig, StageConfig
-from locore.engine.extract import ExtractReport, Item, extract
+from locore.engine.extract import SWAP_FILE, ExtractReport, Item, extract, prune, recover
 from locore.feature_extractors import Extractor, create
 from locore.feature_extractors.io import list_images, load_image
+from locore.feature_extractors.registry import EXTRACTORS
+from locore.indexing import global_index
 from locore.indexing.global_index import GlobalIndex
-from locore.indexing.local_store import LocalStore
+from locore.indexing.local_store import DTYPES, LocalStore
 from locore.indexing.shortlist import Shortlist, read_raw_globals
+from locore.rerank import available as available_rerankers
 from locore.rerank.base import Database, Queries, RerankResult
 from locore.rerank.chain import build_chain
 
 logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.yaml"
+MANIFEST_FILE = "files.json"
+LOCK_FILE = ".lock"
 INDEX_SUBDIR = "faiss"
 
 
@@ -45,62 +73,245 @@ def build_extractor(config: ExtractorConfig) -> Extractor:
     return extractor.to(resolve_device(config.device))
 
 
+def check_config(config: PipelineConfig) -> None:
+    """The checks that need no model: positive sizes, the store dtype, re-ranking stage names."""
+    e, s = config.extractor, config.search
+    sizes = {"extractor.batch_size": e.batch_size, "search.topk": s.topk, "search.show": s.show}
+    for key, value in sizes.items():
+        if value < 1:
+            raise UserError(f"config key {key} must be at least 1, got {value}")
+    if e.num_workers < 0:
+        raise UserError(f"config key extractor.num_workers must be >= 0, got {e.num_workers}")
+    if e.store_dtype not in DTYPES:
+        raise UserError(
+            f"extractor.store_dtype={e.store_dtype!r} is not supported; use one of {list(DTYPES)}"
+        )
+    for i, stage in enumerate(s.rerank):
+        if stage.name not in available_rerankers():
+            raise UserError(
+                f"search.rerank.{i}.name={stage.name!r} is not a re-ranker; "
+                f"choose one of {available_rerankers()}"
+            )
+
+
+def validate(config: PipelineConfig) -> Extractor:
+    """Check the whole config (extractor name and options, index kind and options included) and
+    return its extractor, so that a mistake fails before anything is written or extracted."""
+    check_config(config)
+    extractor = build_extractor(config.extractor)
+    GlobalIndex.build(extractor.global_dim, config.index.kind, **config.index.options)
+    return extractor
+
+
+def descriptor_settings(config: ExtractorConfig) -> dict[str, Any]:
+    """The settings that decide stored descriptors, as ``{config key: value}``: the extractor
+    name, its options with the factory's defaults filled in (so ``{}`` equals the defaults
+    spelled out) and the store dtype. ``device`` is left out, like batch size and workers."""
+    params = inspect.signature(EXTRACTORS.factory(config.name)).parameters
+    options = {n: p.default for n, p in params.items() if p.default is not inspect.Parameter.empty}
+    options.update(config.options)
+    options.pop("device", None)
+    settings = {"extractor.name": config.name, "extractor.store_dtype": config.store_dtype}
+    settings.update({f"extractor.options.{k}": v for k, v in sorted(options.items())})
+    return settings
+
+
+def descriptor_mismatch(stored: ExtractorConfig, asked: ExtractorConfig) -> str | None:
+    """``"key=stored vs key=asked"`` for the first descriptor setting that differs, else None."""
+    a, b = descriptor_settings(stored), descriptor_settings(asked)
+    for key in [*a, *(k for k in b if k not in a)]:
+        if a.get(key) != b.get(key):
+            return f"the index has {key}={a.get(key)!r}, this run {key}={b.get(key)!r}"
+    return None
+
+
+@dataclasses.dataclass
+class SyncReport:
+    """How ``build_index`` brought an index in line with its folder (images now indexed)."""
+
+    added: int  # new files extracted
+    changed: int  # files whose content changed, extracted again
+    removed: int  # images dropped: file deleted, or changed and now unreadable
+    unchanged: int  # images kept as they were
+
+
 @dataclasses.dataclass
 class IndexSummary:
     """What ``build_index`` did."""
 
     directory: Path
     size: int
+    sync: SyncReport
     extract: ExtractReport
+    trained: bool  # the global index was (re)built and trained rather than refilled
+    seconds: dict[str, float] = dataclasses.field(default_factory=dict)  # wall time per stage
+
+
+@contextlib.contextmanager
+def _exclusive(out: Path) -> Iterator[None]:
+    """Hold the index folder's lock: one writer at a time, refused at once otherwise."""
+    with open(out / LOCK_FILE, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(
+                f"another `locore index` is writing {out}; wait for it to finish"
+            ) from None
+        yield
+
+
+def _stored_names(out: Path) -> list[str]:
+    if not (out / LOCAL_FILE).exists():
+        return []
+    with LocalStore(out / LOCAL_FILE) as store:
+        return list(store.names or [])
+
+
+def _check_resumable(out: Path, config: PipelineConfig) -> None:
+    """Refuse to add to descriptors made with other descriptor settings."""
+    if not _stored_names(out):
+        return  # nothing extracted yet: an earlier config does not matter
+    try:
+        stored = cfg.load(PipelineConfig, out / CONFIG_FILE)
+    except UserError as err:
+        raise UserError(
+            f"index {out} holds descriptors but its {CONFIG_FILE} cannot be read ({err}); "
+            "use a new --out folder"
+        ) from None
+    mismatch = descriptor_mismatch(stored.extractor, config.extractor)
+    if mismatch:
+        raise UserError(
+            f"index {out} was built with another extractor config ({mismatch}); "
+            "use a new --out folder or the same settings"
+        )
+
+
+def read_manifest(out: Path) -> dict[str, Fingerprint]:
+    """``name -> fingerprint`` of the files the index was last asked to hold."""
+    path = Path(out) / MANIFEST_FILE
+    if not path.exists():
+        return {}
+    try:
+        files = json.loads(path.read_text())["files"]
+        return {name: Fingerprint.from_list(value) for name, value in files.items()}
+    except (ValueError, KeyError, TypeError):
+        raise UserError(f"{path} is damaged; delete it to extract every image again") from None
+
+
+def _fingerprints(files: dict[str, Path]) -> dict[str, Fingerprint | None]:
+    """Fingerprints of readable files; None for the others (extraction will report them)."""
+    out: dict[str, Fingerprint | None] = {}
+    for name, path in files.items():
+        try:
+            out[name] = fingerprint(path)
+        except OSError:
+            out[name] = None
+    return out
 
 
 def build_index(images: Path, out: Path, config: PipelineConfig) -> IndexSummary:
-    """Extract every file below ``images`` and build the global index in ``out``.
+    """Make ``out`` an index of exactly the files below ``images`` (see the module doc).
 
-    Resumable: names already extracted are skipped; unreadable files are listed in
+    Resumable: a killed run is completed by running it again; unreadable files are listed in
     ``skipped.tsv`` and the rest is indexed.
     """
     images, out = Path(images), Path(out)
-    files = list_images(images)
+    started = time.perf_counter()
+    extractor = validate(config)
+    seconds = {"load extractor": time.perf_counter() - started}
+    files = {str(p.relative_to(images)): p for p in list_images(images)}
     if not files:
         raise UserError(
             f"image folder {images} is empty; put images in it or pass another --images"
         )
     out.mkdir(parents=True, exist_ok=True)
-    previous = out / CONFIG_FILE
-    if previous.exists():
-        old = cfg.read_yaml(previous).get("extractor")
-        if old is not None and old != cfg.to_dict(config)["extractor"]:
-            raise UserError(
-                f"index {out} was built with another extractor config; use a new --out folder"
-            )
-    cfg.save(config, previous)
-    extractor = build_extractor(config.extractor)
-    items = [Item(str(p.relative_to(images)), p) for p in files]
-    report = extract(
-        extractor,
-        items,
-        out,
-        batch_size=config.extractor.batch_size,
-        num_workers=config.extractor.num_workers,
-        store_dtype=config.extractor.store_dtype,
-        attrs={
+    with _exclusive(out):
+        recover(out)
+        global_index.recover(out / INDEX_SUBDIR)
+        _check_resumable(out, config)
+        prints = _fingerprints(files)
+        known = read_manifest(out)
+        before = _stored_names(out)
+        same = {
+            n for n in before if prints.get(n) is not None and prints[n].same_content(known.get(n))
+        }
+        changed = {n for n in before if n in files and n not in same}
+        attrs = {
             "extractor": config.extractor.name,
             "images_root": str(images.resolve()),
             "config": str(cfg.to_dict(config)),
-        },
-    )
-    with LocalStore(out / "local.h5") as store:
-        names = list(store.names)
-    if not names:
-        raise UserError(f"no image in {images} could be indexed; see {out / 'skipped.tsv'}")
-    globals_ = read_raw_globals(out / GLOBAL_FILE, extractor.global_dim, len(names), prefix=True)
-    index = GlobalIndex.build(extractor.global_dim, kind=config.index.kind, **config.index.options)
-    index.train(np.asarray(globals_))
-    index.add(np.asarray(globals_), names=names)
-    index.save(out / INDEX_SUBDIR)
+        }
+        if len(same) < len(before):  # stale rows go before the new fingerprints are recorded
+            prune(out, [n for n in before if n in same], extractor.global_dim, attrs)
+        cfg.save(config, out / CONFIG_FILE)
+        manifest = {n: p.to_list() for n, p in prints.items() if p is not None}
+        write_text(
+            out / MANIFEST_FILE,
+            json.dumps({"root": str(images.resolve()), "files": manifest}, indent=0),
+        )
+        started = time.perf_counter()
+        report = extract(
+            extractor,
+            [Item(name, path) for name, path in files.items()],
+            out,
+            batch_size=config.extractor.batch_size,
+            num_workers=config.extractor.num_workers,
+            store_dtype=config.extractor.store_dtype,
+            attrs=attrs,
+        )
+        names = _stored_names(out)
+        if not names:
+            raise UserError(f"no image in {images} could be indexed; see {out / 'skipped.tsv'}")
+        now = set(names)
+        sync = SyncReport(
+            added=len(now - set(before)),
+            changed=len(changed & now),
+            removed=len(before) - len(same) - len(changed & now),
+            unchanged=len(same),
+        )
+        stale = len(same) < len(before) or report.done > 0
+        seconds["extract"] = time.perf_counter() - started
+        started = time.perf_counter()
+        trained = _update_global_index(out, config, extractor.global_dim, names, stale)
+        seconds["global index"] = time.perf_counter() - started
     logger.info("indexed %d images into %s (%d skipped)", len(names), out, len(report.skipped))
-    return IndexSummary(out, len(names), report)
+    return IndexSummary(out, len(names), sync, report, trained, seconds)
+
+
+def _update_global_index(
+    out: Path, config: PipelineConfig, dim: int, names: list[str], stale: bool
+) -> bool:
+    """Fill the global index with the stored globals; returns True when it was trained anew.
+
+    A saved index of the configured kind and options is emptied and refilled (ivfpq keeps its
+    trained codebooks; a fresh build would train them on the new collection); it is left alone
+    when no descriptor changed. Any other index is rebuilt.
+    """
+    directory = out / INDEX_SUBDIR
+    options = {k: v for k, v in config.index.options.items() if k != "device"}
+    index = None
+    if global_index.exists(directory):
+        try:
+            saved = GlobalIndex.load(directory, dim=dim)
+        except UserError as err:
+            logger.warning("rebuilding the global index: %s", err)
+        else:
+            same = saved.kind == config.index.kind and all(
+                saved.options.get(k) == v for k, v in options.items()
+            )
+            if same and not stale and saved.names == names:
+                return False
+            if same:
+                saved.clear()
+                index = saved
+    globals_ = np.asarray(read_raw_globals(out / GLOBAL_FILE, dim, len(names), prefix=True))
+    trained = index is None
+    if index is None:
+        index = GlobalIndex.build(dim, kind=config.index.kind, **config.index.options)
+        index.train(globals_)
+    index.add(globals_, names=names)
+    index.save(directory)
+    return trained
 
 
 @dataclasses.dataclass
@@ -120,13 +331,29 @@ class IndexHandle:
 
 def open_index(directory: Path, overrides: Sequence[str] = ()) -> IndexHandle:
     """Open an index directory; ``overrides`` (``--set``) apply on top of its stored config,
-    e.g. to choose a re-ranking chain at search time."""
+    e.g. to choose a re-ranking chain at search time. Overrides that would change how queries
+    are described (:func:`descriptor_settings`) are refused."""
     directory = Path(directory)
-    if not (directory / CONFIG_FILE).is_file() or not (directory / INDEX_SUBDIR).is_dir():
+    if not (directory / CONFIG_FILE).is_file() or not global_index.exists(directory / INDEX_SUBDIR):
         raise UserError(f"{directory} is not an index; build one with `locore index`")
+    if (directory / SWAP_FILE).exists():
+        raise UserError(
+            f"index {directory} is half-updated by an interrupted `locore index`; "
+            "run that command again to finish it"
+        )
     config = cfg.load(PipelineConfig, directory / CONFIG_FILE, overrides)
+    check_config(config)
+    if overrides:
+        mismatch = descriptor_mismatch(
+            cfg.load(PipelineConfig, directory / CONFIG_FILE).extractor, config.extractor
+        )
+        if mismatch:
+            raise UserError(
+                f"queries must be described like the index: {mismatch}; "
+                "drop that --set (or build another index with it)"
+            )
     index = GlobalIndex.load(directory / INDEX_SUBDIR)
-    store = LocalStore(directory / "local.h5")
+    store = LocalStore(directory / LOCAL_FILE)
     globals_ = read_raw_globals(directory / GLOBAL_FILE, index.dim, len(index), prefix=True)
     return IndexHandle(directory, config, index, Database(globals_, store), list(index.names))
 

@@ -12,7 +12,10 @@ Kinds:
 
 Descriptors must be L2-normalised (checked), so inner product is cosine similarity. A saved index
 is a folder: ``index.faiss``, ``names.json`` (id -> image name) and ``index.json`` (kind, dim,
-metric, count, options), written to a temporary folder and renamed into place.
+metric, count, options), written to a temporary folder and renamed into place. A save killed
+between its two renames leaves the previous index as ``.<name>.old``: :meth:`GlobalIndex.load`
+reads it, and :func:`recover` (called by writers) renames it back and deletes the temporary
+folders of killed saves.
 """
 
 from __future__ import annotations
@@ -167,6 +170,14 @@ class GlobalIndex:
 
     def __len__(self) -> int:
         return 0 if self._faiss is None else int(self._faiss.ntotal)
+
+    def clear(self) -> None:
+        """Remove every vector and name, keeping what was trained (ivfpq codebooks), so the
+        index can be refilled without training again."""
+        if self._faiss is not None:
+            self._faiss.reset()
+        self.names = []
+        self._gpu_index = self._device_db = None
 
     def train(self, x: np.ndarray, seed: int = 0) -> None:
         """Train compressed kinds on a random sample of ``x`` (no-op for the other kinds)."""
@@ -361,6 +372,33 @@ class GlobalIndex:
 
 def _old_path(directory: Path) -> Path:
     return directory.with_name(f".{directory.name}.old")
+
+
+def exists(directory: Path) -> bool:
+    """True when ``directory`` holds a saved index, or a save left the previous one beside it."""
+    directory = Path(directory)
+    return (directory / META_FILE).is_file() or (_old_path(directory) / META_FILE).is_file()
+
+
+def recover(directory: Path) -> None:
+    """Tidy what killed saves left beside ``directory``: the previous index is renamed back when
+    the new one never arrived (else deleted), and temporary folders are deleted. Only for a
+    writer: no save may be running."""
+    directory = Path(directory)
+    old = _old_path(directory)
+    if old.is_dir():
+        if (directory / META_FILE).is_file():
+            shutil.rmtree(old)
+        else:
+            if directory.exists():
+                shutil.rmtree(directory)
+            os.replace(old, directory)
+            _fsync_path(directory.parent)
+            logger.warning("restored %s from the copy an interrupted save left", directory)
+    if directory.parent.is_dir():
+        for tmp in directory.parent.glob(f".{directory.name}.tmp*"):
+            shutil.rmtree(tmp, ignore_errors=True)
+            logger.info("removed %s, left by a killed save", tmp)
 
 
 def _write_durably(path: Path, data: bytes) -> None:

@@ -5,9 +5,21 @@ Our layout (written by :class:`LocalStoreWriter`, ``attrs["layout"] == "locore-s
 * ``features`` ``[N, K, 5 + D]`` float16 (default) or float32, one HDF5 chunk per image, rows in
   the official column order (reference-spec §1.3: position, position, scale id, padding flag
   0 = valid / 1 = padding, detector weight, descriptor) and sorted by weight, so that the prefix
-  ``[:, :L]`` holds the top L;
-* ``names`` ``[N]`` fixed-width UTF-8 image names; ``committed`` ``[1]`` int64, the number of rows
-  readers may see; the producing config in the file attributes.
+  ``[:, :L]`` holds the top L. Each chunk carries a Fletcher-32 checksum (HDF5's ``fletcher32``
+  filter, which appends 4 bytes and leaves the data as it is): a damaged image is reported with
+  the file and its name, never used;
+* ``names`` ``[N]`` fixed-width UTF-8 image names (no checksum: a names chunk is rewritten by
+  every batch, and a torn rewrite must not make the committed names unreadable); ``committed``
+  ``[1]`` int64, the number of rows readers may see; the producing config in the file attributes
+  (a resumed writer replaces them with its own, e.g. a moved image folder).
+
+Disk: give ``capacity`` (``extract`` gives the whole job) and the file holds what was asked for
+and no more: HDF5 never shrinks a file when a dataset is trimmed, so an allocation that grew past
+the data would stay on disk. Name chunks are sized from the capacity for the same reason.
+
+Deleting images: the store is append-only. :func:`copy_rows` writes the rows to keep into a new
+store (rows read through the checksums, written bit for bit), which the caller renames over the
+old one (``locore.engine.extract.prune`` does this for an index folder).
 
 Crash safety: chunks are allocated ahead of the rows (``alloc_time=early``), so appending a batch
 writes raw bytes into space that already exists and changes no HDF5 metadata. A batch is flushed
@@ -22,7 +34,9 @@ and stores joined from shards by :func:`join_shards` (an HDF5 virtual dataset). 
 HDF5's selection machinery, which costs ~3 ms per image for a scattered selection: the byte
 address of every image is taken once from the chunk index, and a batch of images is gathered
 with one vectorised numpy read from a memory map, after a read-ahead hint for every range.
-Compressed or big-endian files fall back to plain HDF5 reads.
+Checksummed chunks are verified with a vectorised Fletcher-32 on an image's first read by a
+reader (the whole chunk is read then; later reads take only the rows asked for). Compressed or
+big-endian files fall back to plain HDF5 reads (which verify checksums themselves).
 """
 
 from __future__ import annotations
@@ -38,6 +52,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from locore.core.atomic import TMP_PREFIX, fsync_dir
 from locore.core.errors import UserError
 from locore.core.layout import NUM_META
 
@@ -49,6 +64,8 @@ DTYPES = {"float16": "<f2", "float32": "<f4"}
 NAME_BYTES = 256  # default width of a stored name (UTF-8 bytes)
 NAME_CHUNK = 4096  # names per HDF5 chunk
 MIN_GROWTH = 64  # images allocated at least per growth step
+COPY_BYTES = 64 * 2**20  # float32 bytes read per batch by copy_rows
+VERIFY_BYTES = 8 * 2**20  # chunk bytes checksummed at once (their int64 words take 4x that)
 
 
 @dataclasses.dataclass
@@ -159,7 +176,7 @@ class LocalStoreWriter:
             if FEATURES in self.file:
                 self._check_resumable(num_local, dim, dtype, attrs or {})
             else:
-                self._create(num_local, dim, dtype, attrs or {}, name_bytes)
+                self._create(num_local, dim, dtype, attrs or {}, name_bytes, capacity)
         except BaseException:
             self.file.close()
             raise
@@ -171,12 +188,23 @@ class LocalStoreWriter:
         self.names: list[str] = _decode_names(self._names[: self.committed])
         self._known = set(self.names)
         if capacity:
-            self._reserve(capacity, exact=True)
+            self.reserve(capacity)
 
-    def _create(self, num_local: int, dim: int, dtype: str, attrs: dict, name_bytes: int) -> None:
+    def _create(
+        self,
+        num_local: int,
+        dim: int,
+        dtype: str,
+        attrs: dict,
+        name_bytes: int,
+        capacity: int | None,
+    ) -> None:
         width = NUM_META + dim
-        self._preallocated(FEATURES, DTYPES[dtype], (0, num_local, width), (1, num_local, width))
-        self._preallocated(NAMES, h5py.string_dtype("utf-8", name_bytes), (0,), (NAME_CHUNK,))
+        self._preallocated(
+            FEATURES, DTYPES[dtype], (0, num_local, width), (1, num_local, width), checksum=True
+        )
+        names_chunk = int(np.clip(capacity or MIN_GROWTH, 1, NAME_CHUNK))
+        self._preallocated(NAMES, h5py.string_dtype("utf-8", name_bytes), (0,), (names_chunk,))
         # Contiguous and written at creation: the counter has a fixed address and every later
         # update is one in-place write of 8 bytes.
         self.file.create_dataset(COMMITTED, data=np.zeros(1, "<i8"))
@@ -185,7 +213,9 @@ class LocalStoreWriter:
             self.file.attrs[key] = _attr_value(value)
         self._sync()
 
-    def _preallocated(self, name: str, dtype: Any, shape: tuple, chunks: tuple) -> None:
+    def _preallocated(
+        self, name: str, dtype: Any, shape: tuple, chunks: tuple, checksum: bool = False
+    ) -> None:
         dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
         dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
         self.file.create_dataset(
@@ -195,6 +225,7 @@ class LocalStoreWriter:
             chunks=chunks,
             dtype=dtype,
             dcpl=dcpl,
+            fletcher32=checksum,
             fill_time="never",  # the space is overwritten by rows before it is committed
         )
 
@@ -213,12 +244,11 @@ class LocalStoreWriter:
                 f"{dtype} {want}; write to a new file"
             )
         changed = sorted(k for k, v in attrs.items() if stored.get(k) != _attr_value(v))
-        if changed:
-            logger.warning(
-                "resuming %s written with other %s; the stored attributes are kept",
-                self.path,
-                changed,
-            )
+        if changed:  # one metadata change, flushed before any row is written
+            logger.info("resuming %s: replacing its attributes %s", self.path, changed)
+            for key in changed:
+                self.file.attrs[key] = _attr_value(attrs[key])
+            self._sync()
 
     def _sync(self) -> None:
         """Flush HDF5's buffers and, when durable, the OS page cache to disk."""
@@ -236,6 +266,10 @@ class LocalStoreWriter:
         self._features.resize(size, axis=0)
         self._names.resize(size, axis=0)
         self._sync()
+
+    def reserve(self, rows: int) -> None:
+        """Allocate room for ``rows`` images in total now (the whole job: no growth later)."""
+        self._reserve(rows, exact=True)
 
     def append(self, names: Sequence[str], rows: np.ndarray) -> None:
         """Write ``rows`` ``[B, K, 5 + D]`` (official column order) for ``names``, then commit."""
@@ -307,6 +341,16 @@ class _Segment:
     memmap: np.ndarray | None = None
     fd: int | None = None
     direct: bool | None = None  # None = not examined yet
+    checksum: bool = False  # each image's chunk ends with a Fletcher-32 checksum
+    verified: np.ndarray | None = None  # [rows] bool: checksum checked by this reader
+
+
+class _Damaged(Exception):
+    """An image's bytes do not match their checksum (``row``: its row in the segment's file)."""
+
+    def __init__(self, row: int):
+        super().__init__(row)
+        self.row = row
 
 
 class LocalStore:
@@ -453,7 +497,15 @@ class LocalStore:
         for k in np.unique(where):
             segment = self._segments[k]
             local = unique[where == k] - segment.start + segment.src_start
-            meta, desc = self._read_segment(segment, local, L)
+            try:
+                meta, desc = self._read_segment(segment, local, L)
+            except _Damaged as err:
+                image = err.row - segment.src_start + segment.start
+                name = f"{self.names[image]!r} (id {image})" if self.names else f"id {image}"
+                raise UserError(
+                    f"store {segment.path} is damaged: image {name} fails its checksum; "
+                    "delete the store and extract (or `locore index`) again"
+                ) from None
             metas.append(meta)
             descs.append(desc)
         if not metas:
@@ -470,6 +522,8 @@ class LocalStore:
             segment.direct = _map_segment(segment)
         if not segment.direct:
             return _read_hdf5(segment.dataset, ids, L)
+        if segment.checksum:
+            _verify(segment, ids[~segment.verified[ids]])
         parts = []
         for offset, dtype, columns in segment.fields:
             addresses = segment.addresses[ids] + offset
@@ -532,7 +586,9 @@ def _map_segment(segment: _Segment) -> bool:
     read directly (filters, big-endian, nested virtual datasets, unallocated data)."""
     ds = segment.dataset
     dcpl = ds.id.get_create_plist()
-    if ds.is_virtual or dcpl.get_nfilters():
+    filters = [dcpl.get_filter(i)[0] for i in range(dcpl.get_nfilters())]
+    checksum = filters == [h5py.h5z.FILTER_FLETCHER32]
+    if ds.is_virtual or (filters and not checksum):
         return False
     tid = ds.id.get_type()
     if tid.get_class() == h5py.h5t.COMPOUND:
@@ -544,6 +600,8 @@ def _map_segment(segment: _Segment) -> bool:
                 return False
             fields.append((tid.get_member_offset(index[name]), dtype, ds.dtype[name].shape[1]))
         record = tid.get_size()
+        if checksum:  # verified per image below, which needs flat rows
+            return False
     else:
         dtype = _little_endian_float(tid)
         if dtype is None:
@@ -562,10 +620,14 @@ def _map_segment(segment: _Segment) -> bool:
         if tuple(chunks[1:]) != tuple(ds.shape[1:]) or not hasattr(ds.id, "chunk_iter"):
             return False  # an image spans several chunks, or HDF5 < 1.14
         per_chunk = chunks[0]
+        if checksum and per_chunk != 1:
+            return False  # a checksum covers several images: let HDF5 verify whole chunks
         starts = np.full(-(-n // per_chunk), -1, np.int64)
 
         def visit(info: Any) -> None:
             if info.chunk_offset[0] < n:  # a crashed writer's allocation may reach further
+                if info.filter_mask:  # the checksum filter was skipped for this chunk
+                    return
                 starts[info.chunk_offset[0] // per_chunk] = info.byte_offset
 
         ds.id.chunk_iter(visit)
@@ -576,9 +638,10 @@ def _map_segment(segment: _Segment) -> bool:
     else:
         return False
     memmap = np.memmap(segment.path, dtype=np.uint8, mode="r")
-    if n and addresses.max() + record > memmap.size:
+    if n and addresses.max() + record + 4 * checksum > memmap.size:
         return False
     segment.addresses, segment.fields, segment.memmap = addresses, fields, memmap
+    segment.checksum, segment.verified = checksum, np.zeros(n, bool)
     segment.fd = os.open(segment.path, os.O_RDONLY)
     return True
 
@@ -592,8 +655,67 @@ def _advise(fd: int, addresses: np.ndarray, nbytes: int) -> None:
         os.posix_fadvise(fd, address, nbytes, os.POSIX_FADV_WILLNEED)
 
 
+def _verify(segment: _Segment, ids: np.ndarray) -> None:
+    """Check the whole checksummed chunks of images ``ids`` (one image each), once per reader:
+    the first read of an image costs a full-chunk read and a Fletcher-32, later reads only
+    their rows. Raises :class:`_Damaged` for the first image that fails."""
+    ((_, dtype, columns),) = segment.fields
+    record = segment.dataset.shape[1] * columns * dtype.itemsize
+    view = np.lib.stride_tricks.as_strided(
+        segment.memmap,
+        shape=(segment.memmap.size - record - 3, record + 4),
+        strides=(1, 1),
+        writeable=False,
+    )
+    step = max(1, VERIFY_BYTES // (record + 4))
+    for start in range(0, len(ids), step):
+        part = ids[start : start + step]
+        addresses = segment.addresses[part]
+        _advise(segment.fd, addresses, record + 4)
+        bad = ~_fletcher32_ok(view[addresses])
+        if bad.any():
+            raise _Damaged(int(part[np.argmax(bad)]))
+        segment.verified[part] = True
+
+
+def _fletcher32_ok(chunks: np.ndarray) -> np.ndarray:
+    """``[n]`` True where a chunk's data matches the little-endian Fletcher-32 in its last 4
+    bytes, as HDF5 computes it (big-endian 16-bit words; sum1 = sum of words, sum2 = sum of the
+    running sum1, both mod 65535, compared mod 65535 since HDF5 may store 0 as 65535)."""
+    data, stored = chunks[:, :-4], chunks[:, -4:].copy().view("<u4")[:, 0].astype(np.int64)
+    words = data.shape[1] // 2
+    # weight of word i in sum2 is (words - i); mod 65535 keeps every product below 2^32, and a
+    # block of 2^20 words keeps each partial sum exact in int64
+    weights = (words - np.arange(words, dtype=np.int64)) % 65535
+    sum1 = np.zeros(len(chunks), np.int64)
+    sum2 = np.zeros(len(chunks), np.int64)
+    block = 2**20
+    for start in range(0, words, block):
+        w = data[:, 2 * start : 2 * min(start + block, words)].view(">u2").astype(np.int64)
+        sum1 = (sum1 + w.sum(axis=1)) % 65535
+        sum2 = (sum2 + w @ weights[start : start + w.shape[1]]) % 65535
+    if data.shape[1] % 2:  # an odd last byte counts as the high byte of a word
+        last = data[:, -1].astype(np.int64) << 8
+        sum1 = (sum1 + last) % 65535
+        sum2 = (sum2 + sum1) % 65535
+    return (sum1 == (stored & 0xFFFF) % 65535) & (sum2 == (stored >> 16) % 65535)
+
+
 def _read_hdf5(ds: h5py.Dataset, ids: np.ndarray, L: int) -> tuple[np.ndarray, np.ndarray]:
-    """HDF5 reads of sorted distinct ``ids``, one per run of consecutive ids (the fallback)."""
+    """HDF5 reads of sorted distinct ``ids``, one per run of consecutive ids (the fallback).
+    A failed read (HDF5 verifies checksums itself) is retried image by image to name it."""
+    try:
+        return _read_runs(ds, ids, L)
+    except OSError:
+        for i in ids:
+            try:
+                ds.read_direct(np.empty((1, *ds.shape[1:]), ds.dtype), np.s_[int(i) : int(i) + 1])
+            except OSError:
+                raise _Damaged(int(i)) from None
+        raise
+
+
+def _read_runs(ds: h5py.Dataset, ids: np.ndarray, L: int) -> tuple[np.ndarray, np.ndarray]:
     breaks = np.flatnonzero(np.diff(ids) != 1) + 1
     metas, descs = [], []
     for run in np.split(ids, breaks):
@@ -617,7 +739,7 @@ def join_shards(shard_paths: Sequence[Path], out: Path) -> Path:
     ``out`` holds an HDF5 virtual dataset ``features`` mapping the committed rows of each shard
     in the given order, plus the concatenated names; no descriptor is copied. Shard paths are
     stored relative to ``out``'s folder, so the folder can be moved as a whole. Written to a
-    temporary file and renamed, so ``out`` is never half-written.
+    temporary file, fsynced and renamed, so ``out`` is never half-written.
     """
     out = Path(out)
     if not shard_paths:
@@ -662,7 +784,7 @@ def join_shards(shard_paths: Sequence[Path], out: Path) -> Path:
             layout[offset : offset + len(store)] = source[: len(store)]
             offset += len(store)
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp")
+        tmp = out.with_name(f"{TMP_PREFIX}{out.name}")
         with h5py.File(tmp, "w") as f:
             f.create_virtual_dataset(FEATURES, layout, fillvalue=0)
             f.create_dataset(COMMITTED, data=np.array([total], "<i8"))
@@ -676,8 +798,41 @@ def join_shards(shard_paths: Sequence[Path], out: Path) -> Path:
             f.attrs["shards"] = json.dumps(
                 [os.path.relpath(s.path.resolve(), out.resolve().parent) for s in stores]
             )
+        with open(tmp, "rb+") as raw:
+            os.fsync(raw.fileno())
         os.replace(tmp, out)
+        fsync_dir(out.parent)
     finally:
         for store in stores:
             store.close()
     return out
+
+
+def copy_rows(src: Path, dst: Path, ids: Sequence[int], attrs: dict | None = None) -> Path:
+    """Write a new store ``dst`` holding images ``ids`` of ``src``, in that order.
+
+    Rows are read through the checksums and written in the source precision, so they are bit for
+    bit the stored ones; ``attrs`` update the source's attributes. ``dst`` must not exist (the
+    caller writes a temporary file and renames it, see the module doc).
+    """
+    dst = Path(dst)
+    if dst.exists():
+        raise UserError(f"{dst} exists; copy_rows writes a new store")
+    ids = np.asarray(ids, dtype=np.int64)
+    with LocalStore(src) as store:
+        if store.names is None or store.attrs.get("layout") != LAYOUT:
+            raise UserError(f"{src} is not a store written by locore; convert it first")
+        step = max(1, COPY_BYTES // (store.num_local * (NUM_META + store.dim) * 4))
+        with LocalStoreWriter(
+            dst,
+            store.num_local,
+            store.dim,
+            store.attrs["dtype"],
+            {**store.attrs, **(attrs or {})},
+            capacity=len(ids),
+            name_bytes=store.file[NAMES].dtype.itemsize,
+        ) as writer:
+            for start in range(0, len(ids), step):
+                part = ids[start : start + step]
+                writer.append([store.names[i] for i in part], store.rows(part))
+    return dst

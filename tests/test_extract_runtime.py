@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import h5py
 import numpy as np
 from skimage import data
@@ -53,6 +55,26 @@ def test_resume_gives_the_same_store_and_globals(tmp_path):
             # batches differ between the runs (2 + 3 vs 2 + 2 + 1): equal up to fp16 rounding
             np.testing.assert_allclose(a.rows([order_a[n]]), b.rows([order_b[n]]), atol=2e-3)
             np.testing.assert_allclose(ga[order_a[n]], gb[order_b[n]], atol=1e-6)
+
+
+def test_store_is_allocated_for_the_job_and_skipped_files_are_kept_current(tmp_path):
+    paths = _images(tmp_path / "img")
+    broken = tmp_path / "img" / "9_broken.png"
+    broken.write_bytes(b"not a png")
+    items = [Item(p.name, p) for p in [*paths, broken]]
+    extractor = create("efficientnet_lite0", imsize=128)
+    report = extract(extractor, items, tmp_path / "out", batch_size=4)
+    assert [name for name, _ in report.skipped] == ["9_broken.png"]
+    skipped = tmp_path / "out" / "skipped.tsv"
+    assert skipped.read_text().startswith("9_broken.png\t")
+    # the job's allocation (6 images of 49 x 117 float16 values + a 4-byte checksum, 6 names of
+    # 256 bytes; HDF5 keeps the broken image's trimmed chunk) + under 16 KiB of HDF5 metadata,
+    # where a 64-image growth step would take 0.7 MiB
+    job = 6 * (49 * 117 * 2 + 4) + 6 * 256
+    assert os.path.getsize(tmp_path / "out" / "local.h5") < job + 16 * 2**10
+    broken.unlink()  # no longer listed: its line goes
+    extract(extractor, items[:-1], tmp_path / "out", batch_size=4)
+    assert skipped.read_text() == ""
 
 
 def test_shards_cover_the_list_in_order():

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import faiss
 import numpy as np
 import pytest
 
 from locore.core.errors import UserError
+from locore.indexing import global_index
 from locore.indexing.global_index import GlobalIndex, default_m, default_nlist
 
 
@@ -181,6 +183,46 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     monkeypatch.undo()
     with pytest.raises(UserError, match="not an index"):
         first.save(tmp_path / "other")
+
+
+@pytest.mark.parametrize(("kind", "options"), SAVED)
+def test_clear_and_refill_keeps_the_training(tmp_path, kind, options):
+    """A loaded index emptied and refilled with other vectors searches like the original one
+    emptied and refilled the same way (ivfpq codebooks are kept, not retrained)."""
+    rng = np.random.default_rng(11)
+    db, q = clustered(rng, 600, 16, 4)
+    index = GlobalIndex.build(16, kind, **options)
+    index.train(db)
+    index.add(db)
+    index.save(tmp_path / "ix")
+    loaded = GlobalIndex.load(tmp_path / "ix")
+    loaded.clear()
+    assert len(loaded) == 0 and loaded.names == []
+    index.clear()
+    index.add(db[::-1][:500], [f"n{i}" for i in range(500)])
+    loaded.add(db[::-1][:500], [f"n{i}" for i in range(500)])
+    assert loaded.names == index.names and len(loaded) == 500
+    (sims_a, ids_a), (sims_b, ids_b) = index.search(q, 25), loaded.search(q, 25)
+    np.testing.assert_array_equal(ids_a, ids_b)
+    # unit vectors in 16-d: float32 inner products agree within 16 x 2^-24 (summation order)
+    np.testing.assert_allclose(sims_a, sims_b, rtol=0, atol=1e-6)
+
+
+def test_recover_restores_or_drops_what_a_killed_save_left(tmp_path):
+    rng = np.random.default_rng(12)
+    index = GlobalIndex.build(8)
+    index.add(unit(rng.normal(size=(3, 8))), list("abc"))
+    index.save(tmp_path / "ix")
+    os.replace(tmp_path / "ix", tmp_path / ".ix.old")  # killed between the two renames
+    (tmp_path / ".ix.tmp1234").mkdir()  # killed while writing
+    assert global_index.exists(tmp_path / "ix")
+    global_index.recover(tmp_path / "ix")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ix"]
+    assert GlobalIndex.load(tmp_path / "ix").names == list("abc")
+    shutil.copytree(tmp_path / "ix", tmp_path / ".ix.old")  # killed after both renames
+    global_index.recover(tmp_path / "ix")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ix"]
+    assert not global_index.exists(tmp_path / "none")
 
 
 def test_load_checks_the_saved_index(tmp_path):

@@ -17,8 +17,9 @@ import pytest
 
 from locore.core.errors import UserError
 from locore.indexing import convert as convert_module
+from locore.indexing import local_store as local_store_module
 from locore.indexing.convert import convert, read_image_list, sort_rows
-from locore.indexing.local_store import LocalStore, LocalStoreWriter, join_shards
+from locore.indexing.local_store import LocalStore, LocalStoreWriter, copy_rows, join_shards
 
 K, D = 6, 8
 W = 5 + D
@@ -263,7 +264,17 @@ CHILD = textwrap.dedent(
         rng = np.random.default_rng(b)
         return [f"img{b}_{i}" for i in range(B)], rng.normal(size=(B, K, 5 + D)).astype("f4")
 
-    if kill_at != "none":  # SIGKILL ourselves at an exact point of batch 3
+    if kill_at == "growth":  # SIGKILL in the middle of growing the allocation from 64 images
+        import h5py
+        resize = h5py.Dataset.resize
+
+        def dying_resize(self, size, axis=None):
+            if self.name == "/names" and size > 64:  # the features are already resized
+                os.kill(os.getpid(), signal.SIGKILL)
+            return resize(self, size, axis)
+
+        h5py.Dataset.resize = dying_resize
+    elif kill_at != "none":  # SIGKILL ourselves at an exact point of batch 3
         import h5py
         write = h5py.Dataset.__setitem__
         target = {"before_counter": "/committed", "before_names": "/names"}[kill_at]
@@ -341,6 +352,96 @@ def test_kill_dash_9_then_resume_is_bitwise_equal(tmp_path, kill_at, child_scrip
         return
     assert run_child(script, path, 10).wait() == 0  # resume
     assert store_content(path) == store_content(reference)
+
+
+def test_kill_dash_9_while_the_allocation_grows_then_resume(tmp_path, child_script):
+    """No capacity given: the allocation grows 64 -> 96 images at batch 17; a kill between
+    resizing the features and the names loses nothing committed, and a resume is bitwise equal
+    to an uninterrupted run."""
+    script, _ = child_script
+    reference, path = tmp_path / "reference.h5", tmp_path / "store.h5"
+    assert run_child(script, reference, 20).wait() == 0
+    child = run_child(script, path, 20, "growth")
+    child.communicate()
+    assert child.returncode == -signal.SIGKILL
+    with LocalStore(path) as store, LocalStore(reference) as ref:
+        assert len(store) == 64
+        np.testing.assert_array_equal(store.rows(np.arange(64)), ref.rows(np.arange(64)))
+    assert run_child(script, path, 20).wait() == 0
+    assert store_content(path) == store_content(reference)
+
+
+# ----------------------------------------------------------------------------------------------
+# Integrity and disk use
+# ----------------------------------------------------------------------------------------------
+def _flip(path: Path, image: int, offset: int) -> None:
+    """Overwrite two bytes of one image's chunk with a finite float16 (0.5)."""
+    with h5py.File(path, "r") as f:
+        address = f["features"].id.get_chunk_info_by_coord((image, 0, 0)).byte_offset
+    with open(path, "r+b") as f:
+        f.seek(address + offset)
+        f.write(np.float16(0.5).tobytes())
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_a_damaged_image_is_named_never_used(tmp_path, monkeypatch, direct):
+    rng = np.random.default_rng(12)
+    rows = make_rows(rng, 9)
+    path = write_store(tmp_path / "s.h5", rows)
+    _flip(path, 5, 2 * (3 * W + 7))  # a descriptor value of row 3
+    if not direct:  # HDF5's own reads verify the checksum too
+        monkeypatch.setattr(local_store_module, "_map_segment", lambda segment: False)
+    with LocalStore(path) as store:
+        with pytest.raises(UserError, match=r"s.h5 is damaged: image 'img005.jpg' \(id 5\)"):
+            store.rows([1, 5])
+        with pytest.raises(UserError, match="img005.jpg"):
+            store.gather(np.array([[0, 5, 7]]), L=2)  # a prefix: the whole image is verified
+        good = [0, 1, 2, 3, 4, 6, 7, 8]
+        np.testing.assert_array_equal(store.rows(good), rows[good].astype(np.float16))
+        assert store._segments[0].direct == direct
+
+
+def test_copy_rows_keeps_the_bits_and_the_attributes(tmp_path):
+    rng = np.random.default_rng(13)
+    rows = make_rows(rng, 7)
+    path = write_store(tmp_path / "s.h5", rows, attrs={"images_root": "/a", "x": 1})
+    copy_rows(path, tmp_path / "c.h5", [6, 0, 3], attrs={"images_root": "/b"})
+    with LocalStore(path) as src, LocalStore(tmp_path / "c.h5") as dst:
+        assert dst.names == ["img006.jpg", "img000.jpg", "img003.jpg"]
+        assert (dst.attrs["images_root"], dst.attrs["x"], dst.attrs["dtype"]) == (
+            "/b",
+            1,
+            "float16",
+        )
+        np.testing.assert_array_equal(dst.rows(np.arange(3)), src.rows([6, 0, 3]))
+    with pytest.raises(UserError, match="exists"):
+        copy_rows(path, tmp_path / "c.h5", [0])
+
+
+def test_resume_replaces_the_attributes(tmp_path):
+    rng = np.random.default_rng(14)
+    path = write_store(tmp_path / "s.h5", make_rows(rng, 2), attrs={"images_root": "/old"})
+    with LocalStoreWriter(path, K, D, attrs={"images_root": "/new"}):
+        pass
+    with LocalStore(path) as store:
+        assert store.attrs["images_root"] == "/new" and len(store) == 2
+
+
+def test_a_store_allocated_for_its_job_stays_within_a_few_percent_of_its_data(tmp_path):
+    """HDF5 never gives back space once allocated: a store written with its capacity holds its
+    rows, 4 checksum bytes per image, the names and a few KiB of HDF5 metadata."""
+    k, d, n = 49, 112, 100  # the offline extractor's store: 11.5 KiB per image in float16
+    rng = np.random.default_rng(15)
+    rows = rng.normal(size=(n, k, 5 + d)).astype(np.float32)
+    path = tmp_path / "s.h5"
+    with LocalStoreWriter(path, k, d, capacity=n) as writer:
+        for start in range(0, n, 8):
+            writer.append(
+                [f"img{i:05d}.jpg" for i in range(start, min(n, start + 8))],
+                rows[start : start + 8],
+            )
+    data = n * k * (5 + d) * 2
+    assert data < os.path.getsize(path) < 1.05 * data
 
 
 # ----------------------------------------------------------------------------------------------
