@@ -4,15 +4,16 @@ Kinds:
 
 * ``flat`` (default): FAISS ``IndexFlatIP``, exact. On ``device="cuda"`` it searches with
   faiss-gpu when that imports, else with the torch path below, so a GPU is used either way.
-* ``torch``: the same exact storage, always searched by torch: matmul + top-k over database
-  chunks, merged (float16 on CUDA, float32 on CPU, where it equals brute force).
+* ``torch``: exact, searched by torch: matmul + top-k over database chunks, merged (float16 on
+  CUDA, float32 on CPU, where it equals brute force). Its vectors are a plain ``vectors.npy``,
+  memory-mapped on load, so this kind needs no faiss at all (GPU images may not ship it).
 * ``ivfpq``: IVF-PQ trained on a sample, for collections whose float vectors should not be
   scanned; candidates are re-scored from a float16 copy (``refine``) to keep recall@100 >= 0.95.
 * ``hnsw``: FAISS HNSW graph over the float vectors (approximate, no training).
 
 Descriptors must be L2-normalised (checked), so inner product is cosine similarity. A saved index
-is a folder: ``index.faiss``, ``names.json`` (id -> image name) and ``index.json`` (kind, dim,
-metric, count, options), written to a temporary folder and renamed into place. A save killed
+is a folder: ``index.faiss`` (``vectors.npy`` for torch), ``names.json`` (id -> image name) and
+``index.json`` (kind, dim, metric, count, options), written to a temporary folder and renamed into place. A save killed
 between its two renames leaves the previous index as ``.<name>.old``: :meth:`GlobalIndex.load`
 reads it, and :func:`recover` (called by writers) renames it back and deletes the temporary
 folders of killed saves.
@@ -45,6 +46,7 @@ OPTIONS = {  # besides "device", which every kind takes
 }
 REFINE = ("fp16", "flat", "none")
 META_FILE, NAMES_FILE, INDEX_FILE = "index.json", "names.json", "index.faiss"
+VECTORS_FILE = "vectors.npy"  # the torch kind's vectors (no faiss needed to read or search)
 METRIC = "inner_product"
 FORMAT = 1
 
@@ -111,7 +113,7 @@ class GlobalIndex:
         self.names: list[str] = []
         self._gpu_index = None  # faiss-gpu copy of a flat index, built on first search
         self._device_db = None  # torch copy of the vectors, built on first search
-        self._faiss = self._make()
+        self._backend = self._make()
 
     @classmethod
     def build(cls, dim: int, kind: str = "flat", **options: Any) -> GlobalIndex:
@@ -126,10 +128,12 @@ class GlobalIndex:
         return cls(dim, kind, **options)
 
     def _make(self):
+        if self.kind == "torch":
+            return _ExactVectors(self.dim)
         import faiss
 
         o = self.options
-        if self.kind in ("flat", "torch"):
+        if self.kind == "flat":
             return faiss.IndexFlatIP(self.dim)
         if self.kind == "hnsw":
             index = faiss.IndexHNSWFlat(self.dim, o.get("hnsw_m", 32), faiss.METRIC_INNER_PRODUCT)
@@ -169,24 +173,24 @@ class GlobalIndex:
         return index
 
     def __len__(self) -> int:
-        return 0 if self._faiss is None else int(self._faiss.ntotal)
+        return 0 if self._backend is None else int(self._backend.ntotal)
 
     def clear(self) -> None:
         """Remove every vector and name, keeping what was trained (ivfpq codebooks), so the
         index can be refilled without training again."""
-        if self._faiss is not None:
-            self._faiss.reset()
+        if self._backend is not None:
+            self._backend.reset()
         self.names = []
         self._gpu_index = self._device_db = None
 
     def train(self, x: np.ndarray, seed: int = 0) -> None:
         """Train compressed kinds on a random sample of ``x`` (no-op for the other kinds)."""
-        if self.kind != "ivfpq" or (self._faiss is not None and self._faiss.is_trained):
+        if self.kind != "ivfpq" or (self._backend is not None and self._backend.is_trained):
             return
         x = check_vectors(x, self.dim, "training vectors")
         if not self.options.get("nlist"):
             self.options["nlist"] = default_nlist(len(x))
-        self._faiss = self._make()
+        self._backend = self._make()
         nbits = self.options.get("nbits", 8)
         need = max(self.options["nlist"], 2**nbits)
         if len(x) < need:
@@ -197,7 +201,7 @@ class GlobalIndex:
         sample = self.options.get("sample") or max(100_000, 64 * self.options["nlist"])
         if len(x) > sample:
             x = x[np.sort(np.random.default_rng(seed).choice(len(x), sample, replace=False))]
-        self._faiss.train(x)
+        self._backend.train(x)
 
     def add(self, x: np.ndarray, names: Sequence[str] | None = None) -> None:
         """Append ``x`` ``[N, D]`` (L2-normalised); ``names`` default to the running ids."""
@@ -206,9 +210,9 @@ class GlobalIndex:
             names = [str(len(self) + i) for i in range(len(x))]
         if len(names) != len(x):
             raise UserError(f"got {len(names)} names for {len(x)} descriptors")
-        if self._faiss is None or not self._faiss.is_trained:
+        if self._backend is None or not self._backend.is_trained:
             raise UserError("the ivfpq index is not trained; call train() on a sample first")
-        self._faiss.add(x)
+        self._backend.add(x)
         self.names.extend(str(n) for n in names)
         self._gpu_index = self._device_db = None
 
@@ -248,17 +252,19 @@ class GlobalIndex:
 
                 self._resources = faiss.StandardGpuResources()
                 gpu = int(self.device.partition(":")[2] or 0)
-                self._gpu_index = faiss.index_cpu_to_gpu(self._resources, gpu, self._faiss)
+                self._gpu_index = faiss.index_cpu_to_gpu(self._resources, gpu, self._backend)
             return self._gpu_index.search(q, k)
-        return self._faiss.search(q, k)
+        return self._backend.search(q, k)
 
     def vectors(self) -> np.ndarray:
         """The stored vectors ``[N, D]`` float32 (exact kinds; a view, no copy)."""
+        if self.kind == "torch":
+            return self._backend.array()
+        if self.kind != "flat":
+            raise UserError(f"an {self.kind} index keeps no exact vectors")
         import faiss
 
-        if self.kind not in ("flat", "torch"):
-            raise UserError(f"an {self.kind} index keeps no exact vectors")
-        flat = faiss.rev_swig_ptr(self._faiss.get_xb(), len(self) * self.dim)
+        flat = faiss.rev_swig_ptr(self._backend.get_xb(), len(self) * self.dim)
         return flat.reshape(len(self), self.dim)
 
     def _torch_search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -287,9 +293,7 @@ class GlobalIndex:
 
     def save(self, directory: Path) -> None:
         """Write the index, names and metadata atomically (temporary folder + rename)."""
-        import faiss
-
-        if self._faiss is None:
+        if self._backend is None:
             raise UserError("the ivfpq index is not trained; train and add before saving")
         directory = Path(directory)
         if directory.exists() and any(directory.iterdir()) and not (directory / META_FILE).exists():
@@ -307,8 +311,15 @@ class GlobalIndex:
             }
             _write_durably(tmp / META_FILE, json.dumps(meta, indent=1).encode())
             _write_durably(tmp / NAMES_FILE, json.dumps(self.names).encode())
-            faiss.write_index(self._faiss, str(tmp / INDEX_FILE))
-            _fsync_path(tmp / INDEX_FILE)
+            if self.kind == "torch":
+                with open(tmp / VECTORS_FILE, "wb") as f:
+                    np.save(f, self._backend.array(), allow_pickle=False)
+                _fsync_path(tmp / VECTORS_FILE)
+            else:
+                import faiss
+
+                faiss.write_index(self._backend, str(tmp / INDEX_FILE))
+                _fsync_path(tmp / INDEX_FILE)
             _fsync_path(tmp)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -323,9 +334,8 @@ class GlobalIndex:
     @classmethod
     def load(cls, directory: Path, device: str = "cpu", dim: int | None = None) -> GlobalIndex:
         """Open a saved index; checks its files, dimension (against ``dim`` when given), metric
-        and names. ``device`` picks where exact kinds search (see the module doc)."""
-        import faiss
-
+        and names. ``device`` picks where exact kinds search (see the module doc). The torch
+        kind's vectors are memory-mapped, not read: opening a 1M-image index costs nothing."""
         directory = Path(directory)
         if not (directory / META_FILE).is_file() and (_old_path(directory) / META_FILE).is_file():
             # a save was interrupted between its two renames: the previous index is complete
@@ -349,16 +359,23 @@ class GlobalIndex:
                 "with the current extractor"
             )
         index = cls(stored_dim, kind, device=device, **meta.get("options", {}))
-        try:
-            index._faiss = faiss.read_index(str(directory / INDEX_FILE))
-        except RuntimeError:
-            raise UserError(f"{directory / INDEX_FILE} is missing or damaged; rebuild") from None
-        if index._faiss.d != stored_dim:
-            raise UserError(f"index {directory}: stored dim {index._faiss.d} != {stored_dim}")
-        if index._faiss.metric_type != faiss.METRIC_INNER_PRODUCT:
-            raise UserError(f"index {directory} does not use inner product; rebuild it")
-        if kind == "ivfpq":
-            faiss.extract_index_ivf(index._faiss).nprobe = _nprobe(index.options)
+        if kind == "torch":
+            index._backend = _ExactVectors.load(directory / VECTORS_FILE, stored_dim)
+        else:
+            import faiss
+
+            try:
+                index._backend = faiss.read_index(str(directory / INDEX_FILE))
+            except RuntimeError:
+                raise UserError(
+                    f"{directory / INDEX_FILE} is missing or damaged; rebuild"
+                ) from None
+            if index._backend.metric_type != faiss.METRIC_INNER_PRODUCT:
+                raise UserError(f"index {directory} does not use inner product; rebuild it")
+            if kind == "ivfpq":
+                faiss.extract_index_ivf(index._backend).nprobe = _nprobe(index.options)
+        if index._backend.d != stored_dim:
+            raise UserError(f"index {directory}: stored dim {index._backend.d} != {stored_dim}")
         try:
             index.names = json.loads((directory / NAMES_FILE).read_text())
         except (OSError, ValueError):
@@ -368,6 +385,44 @@ class GlobalIndex:
                 f"index {directory} has {len(index)} vectors but {len(index.names)} names"
             )
         return index
+
+
+class _ExactVectors:
+    """The torch kind's storage: a plain float32 matrix, saved as ``.npy`` and memory-mapped on
+    load, so that kind needs no faiss (a GPU image may lack it) and opens at once at any size.
+    It answers the few faiss index calls the class makes (``ntotal``, ``d``, ``add``, ...)."""
+
+    is_trained = True
+
+    def __init__(self, dim: int, data: np.ndarray | None = None):
+        self.d = dim
+        self._blocks = [np.empty((0, dim), np.float32) if data is None else data]
+
+    @classmethod
+    def load(cls, path: Path, dim: int) -> _ExactVectors:
+        try:
+            data = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError):
+            raise UserError(f"{path} is missing or damaged; rebuild the index") from None
+        if data.ndim != 2 or data.dtype != np.float32:
+            raise UserError(f"{path} holds {data.dtype} {data.shape}, not [N, {dim}] float32")
+        return cls(data.shape[1], data)
+
+    @property
+    def ntotal(self) -> int:
+        return sum(len(b) for b in self._blocks)
+
+    def reset(self) -> None:
+        self._blocks = [np.empty((0, self.d), np.float32)]
+
+    def add(self, x: np.ndarray) -> None:
+        self._blocks.append(np.array(x, np.float32))
+
+    def array(self) -> np.ndarray:
+        """``[N, D]`` float32; blocks added since the last call are joined once."""
+        if len(self._blocks) > 1:
+            self._blocks = [np.concatenate(self._blocks)]
+        return self._blocks[0]
 
 
 def _old_path(directory: Path) -> Path:

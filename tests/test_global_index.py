@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import faiss
 import numpy as np
@@ -303,3 +305,29 @@ def test_cuda_request_without_a_gpu_is_a_clear_error(monkeypatch):
     with pytest.raises(UserError, match="no CUDA device"):
         GlobalIndex.build(8, device="cuda")
     assert GlobalIndex.build(8, device="auto").device == "cpu"
+
+
+def test_torch_kind_needs_no_faiss_and_maps_its_vectors(tmp_path):
+    """A GPU image may lack faiss: the torch kind builds, saves, loads (memory-mapped) and
+    searches with faiss made unimportable, and equals brute force."""
+    script = f"""
+import sys
+sys.modules["faiss"] = None  # any import of faiss now fails
+import numpy as np
+from locore.indexing.global_index import GlobalIndex
+rng = np.random.default_rng(0)
+x = rng.normal(size=(300, 16)).astype(np.float32)
+x /= np.linalg.norm(x, axis=1, keepdims=True)
+index = GlobalIndex.build(16, "torch")
+index.add(x[:200])
+index.add(x[200:])
+index.save(__import__("pathlib").Path({str(tmp_path / "idx")!r}))
+loaded = GlobalIndex.load(__import__("pathlib").Path({str(tmp_path / "idx")!r}))
+assert isinstance(loaded.vectors(), np.memmap)
+sims, ids = loaded.search(x[:5], 10)
+want = np.argsort(-(x[:5] @ x.T), axis=1, kind="stable")[:, :10]
+assert (ids == want).all(), (ids, want)
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
