@@ -16,7 +16,9 @@ def test_bench_extract_times_both_sources(tmp_path, source):
     args += f" --workers 0 --device cpu --source {source} --json {out}"
     assert main(["bench", "extract", *args.split()]) == 0
     result = json.loads(out.read_text())
-    assert result["images"] == 4 and result["images_per_s"] == pytest.approx(4 / result["seconds"])
+    assert (result["model"], result["source"], result["batch"]) == ("efficientnet_lite0", source, 2)
+    assert result["images"] == 4  # every requested image was extracted and timed
+    assert result["seconds"] > 0 and result["images_per_s"] > 0
 
 
 def test_bench_extract_rejects_a_dtype_the_model_lacks(capsys):

@@ -3,7 +3,6 @@
 import json
 
 import numpy as np
-import pytest
 import torch
 
 from locore import cli
@@ -31,22 +30,27 @@ def test_latency_reports_every_stage_with_per_100_costs(tmp_path, capsys):
     # 400/100/50).
     assert "7 window(s)" in stages["locore sliding"]["detail"]
     assert "1 window(s)" in stages["locore window"]["detail"]
-    for name in ("locore window", "locore sliding", "superglobal"):
-        s = stages[name]
-        assert s["per_100_ms"] == pytest.approx(s["median_ms"] * 100 / s["images"])
-    assert stages["search"]["per_100_ms"] is None
+    # Images re-ranked (the per-100 column's divisor): one window of 10, the top 40 otherwise.
+    assert {n: stages[n]["images"] for n in ("locore window", "locore sliding", "superglobal")} == {
+        "locore window": 10,
+        "locore sliding": 40,
+        "superglobal": 40,
+    }
+    assert stages["search"]["per_100_ms"] is None and stages["search"]["images"] is None
     assert record["setup"]["db"] == 3000 and record["setup"]["variant"] == "micro"
 
 
-def test_peak_memory_sees_an_allocation_and_ignores_what_was_held_before():
+def test_peak_memory_sees_a_freed_allocation_and_ignores_what_was_held_before():
+    """The kernel's high-water mark: a 64 MiB block freed before the exit is still the peak."""
     held = np.ones(16 * 2**20 // 8)  # held before: not counted
     with PeakMemory(torch.device("cpu")) as peak:
-        block = np.ones(64 * 2**20 // 8)  # 64 MiB touched inside the block
+        block = np.ones(64 * 2**20 // 8)  # 64 MiB touched inside the block, then freed
         del block
-    assert 48 <= peak.mib < 120
+    assert 64 <= peak.mib < 96
     assert held.sum() > 0
 
 
 def test_per_100_is_none_for_stages_without_images():
+    """Worked example: 2 ms for 400 images is 0.5 ms per 100."""
     assert StageTiming("search", "", 2.0, 1.0, 0.0).per_100_ms is None
-    assert StageTiming("x", "", 2.0, 1.0, 0.0, images=400).per_100_ms == pytest.approx(0.5)
+    assert StageTiming("x", "", 2.0, 1.0, 0.0, images=400).per_100_ms == 0.5

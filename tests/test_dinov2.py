@@ -13,7 +13,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from extract_helpers import detector_state, normalize, one_torch_thread, spec_detector, spec_rows
+from extract_helpers import (
+    assert_rows_match,
+    detector_state,
+    normalize,
+    one_torch_thread,
+    spec_detector,
+    spec_rows,
+)
+from float_bounds import U32, assert_close, assert_close_to_scale, float32_bound
 from safetensors.torch import save_file
 
 from locore import feature_extractors
@@ -151,18 +159,17 @@ def make(files, weights: str = "hub.pth", **options):
 
 def test_position_table_resize_equals_the_hub_formula():
     """Bicubic + antialias, size given directly (offset 0): the arithmetic equals PIL's algorithm
-    written above (float64), and the float32 path is the hub's expression bit for bit."""
+    written above. float64: 1e-12 of the table's scale (~1e4 u64). float32: the taps are cubic
+    weights (slope <= 1.5) at float32 coordinates up to 37 (error 37 u), and each output of the
+    two separable passes sums 4 kernel-widths of them: 2 x 4 x 1.5 x 37 u = 2.6e-5 of the scale
+    (measured 4e-6)."""
     pos = torch.randn(1, GRID * GRID, 8, dtype=torch.float64)
     for rows, cols in [(7, 9), (16, 11), (55, 41), (37, 40)]:
-        got = hub_position_embedding(pos, rows, cols)[0].numpy()
-        np.testing.assert_allclose(got, official_pos(pos[0].numpy(), rows, cols), atol=1e-12)
-        # dinov2 hub, interpolate_offset == 0 branch: kwargs["size"] = (w0, h0), antialias=True.
-        table = pos.float().reshape(1, GRID, GRID, 8).permute(0, 3, 1, 2)
-        hub = F.interpolate(table, mode="bicubic", antialias=True, size=(rows, cols))
-        hub = hub.permute(0, 2, 3, 1).reshape(1, -1, 8)
-        torch.testing.assert_close(
-            hub_position_embedding(pos.float(), rows, cols), hub, rtol=0, atol=0
-        )
+        want = official_pos(pos[0].numpy(), rows, cols)
+        assert_close_to_scale(hub_position_embedding(pos, rows, cols)[0], want, 1e-12, "f64")
+        got32 = hub_position_embedding(pos.float(), rows, cols)[0]
+        assert got32.dtype == torch.float32
+        assert_close_to_scale(got32, want, 2 * 4 * 1.5 * GRID * U32, "float32")
     assert hub_position_embedding(pos, GRID, GRID) is pos
     # The pre-register DINOv2 rule (scale factor with +0.1 offset, no antialias) is different.
     table = pos[0].reshape(1, GRID, GRID, 8).permute(0, 3, 1, 2)
@@ -171,23 +178,34 @@ def test_position_table_resize_equals_the_hub_formula():
     assert np.abs(legacy - official_pos(pos[0].numpy(), 7, 9)).max() > 1e-2
 
 
+# float32 bound of the ViT (8 reductions per block, patch embedding, position resize, final LN;
+# <= 3 x 14 x 14 = 588 terms each): 2.7e-5 of the outputs' scale.
+VIT_REL = float32_bound(8 * DEPTH + 3, 3 * PATCH * PATCH)
+# ... and of the extraction (+ detector conv1 + BN, conv2): 3.0e-5.
+EXTRACT_REL = float32_bound(8 * DEPTH + 5, 3 * PATCH * PATCH)
+
+
 @pytest.mark.parametrize("hw", [(98, 126), (532, 546)])  # shrink / enlarge the 37x37 table
 def test_vit_tokens_match_an_independent_forward(files, hw):
+    """float32 against float64: within ``VIT_REL`` of the tokens' scale."""
     extractor = make(files)
     x = torch.randn(1, 3, *hw, generator=torch.Generator().manual_seed(hw[0]))
     with torch.no_grad():
         cls, patches = vit_tokens(extractor.vit, x)
     want_cls, want_patches = reference_tokens(hub_state(), x)
-    np.testing.assert_allclose(cls.numpy(), want_cls, atol=1e-5)
-    np.testing.assert_allclose(patches.numpy(), want_patches, atol=1e-5)
+    assert_close_to_scale(cls, want_cls, VIT_REL, "CLS")
+    assert_close_to_scale(patches, want_patches, VIT_REL, "patch tokens")
 
 
 def test_timm_layout_file_loads_to_the_same_model(files):
+    """Only the CLS position is added before the forward instead of in it: one rounding, carried
+    through the ViT (``VIT_REL``)."""
     x = torch.randn(1, 3, 70, 84)
     with torch.no_grad():
         hub = vit_tokens(make(files).vit, x)
         timm = vit_tokens(make(files, "timm.safetensors").vit, x)
-    torch.testing.assert_close(timm, hub, rtol=0, atol=1e-6)
+    for ours, ref, what in zip(timm, hub, ("CLS", "patch tokens")):
+        assert_close_to_scale(ours, ref, VIT_REL, what)
 
 
 @pytest.mark.parametrize(
@@ -214,7 +232,8 @@ def test_strict_loading_lists_the_bad_keys(tmp_path, edit, message):
 
 
 def test_extraction_matches_the_spec_formulas(files):
-    """Rows, global and CLS vs: reference ViT -> per-token detector -> manual top-K (§2.3-2.6)."""
+    """Rows, global and CLS vs: reference ViT -> per-token detector -> manual top-K (§2.3-2.6),
+    within ``EXTRACT_REL`` of each output's scale (float32 against float64)."""
     extractor = make(files, num_local=20)
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (150, 200, 3), dtype=np.uint8)
@@ -228,13 +247,10 @@ def test_extraction_matches_the_spec_formulas(files):
     r, c = np.divmod(np.arange(rows * cols), cols)
     positions = np.stack([(14 * r + 7) / h, (14 * c + 7) / w], 1)
     want = spec_rows(desc, weight, positions, np.zeros(rows * cols), 20)
-    got = feats.local.to_rows()
-    np.testing.assert_allclose(got[:, :5], want[:, :5], rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(got[:, 5:], want[:, 5:], atol=1e-5)
-    np.testing.assert_allclose(
-        feats.global_desc, normalize((weight[:, None] * desc).mean(0)), atol=1e-5
-    )
-    np.testing.assert_allclose(feats.extra["cls"], normalize(cls[0]), atol=1e-5)
+    assert_rows_match(feats.local.to_rows(), want, EXTRACT_REL, "rows")
+    want_global = normalize((weight[:, None] * desc).mean(0))
+    assert_close(feats.global_desc, want_global, EXTRACT_REL, "global")
+    assert_close(feats.extra["cls"], normalize(cls[0]), EXTRACT_REL, "CLS")
 
 
 def test_small_query_crop_gives_padded_rows(files):
@@ -259,9 +275,10 @@ def test_bf16_autocast_stays_close_and_bad_dtype_is_rejected(files):
 
 
 def test_without_detector_the_official_fallback_is_used(files):
+    """Weights are the token norms, within ``VIT_REL`` of the largest."""
     extractor = make(files, detector=None, num_local=5, imsize=112)
     x = extractor.preprocess(np.full((100, 100, 3), 60, np.uint8))
     feats = extractor.extract_batch(x[None])[0]
     _, patches = reference_tokens(hub_state(), x[None])
     norms = np.linalg.norm(patches[0], axis=1)
-    np.testing.assert_allclose(feats.local.weights, np.sort(norms)[::-1][:5], rtol=1e-5)
+    assert_close_to_scale(feats.local.weights, np.sort(norms)[::-1][:5], VIT_REL, "weights")

@@ -6,6 +6,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from float_bounds import U32, assert_close_to_scale
 
 from locore.core.errors import UserError
 from locore.feature_extractors.detector import NormDetector
@@ -98,10 +99,12 @@ def test_tiny_region_is_a_user_error(dinov2):
 
 
 def test_imagenet_normalisation_by_hand():
+    """float32 against float64: five roundings (x / 255, mean, std, subtract, divide), the
+    subtraction's operands up to 1 divided by a std >= 0.224: within 8 u of the largest value."""
     px = np.array([[[255, 0, 128]]], dtype=np.uint8)  # one RGB pixel
     got = to_tensor(px)[:, 0, 0].double()
     want = torch.tensor(
         [(1.0 - 0.485) / 0.229, (0.0 - 0.456) / 0.224, (128 / 255 - 0.406) / 0.225],
         dtype=torch.float64,
     )
-    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    assert_close_to_scale(got, want, 8 * U32, "normalised pixel")

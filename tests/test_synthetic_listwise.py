@@ -80,8 +80,9 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.mark.slow  # 203 s on 2 cores: run with -m slow (the full proof is `locore bench listwise`)
 def test_listwise_beats_pairwise_and_global(tmp_path, one_thread):
-    """The fast version of ``locore bench listwise``: smaller lists, 3,000 steps per model.
+    """The short version of ``locore bench listwise``: smaller lists, 3,000 steps per model.
 
     Only LoCoRe sees the easy positive that links a transitive positive to the query, so it must
     rank best overall. At this budget LoCoRe has only just left the constant prior (measured:
