@@ -14,9 +14,9 @@ Kinds:
 Descriptors must be L2-normalised (checked), so inner product is cosine similarity. A saved index
 is a folder: ``index.faiss`` (``vectors.npy`` for torch), ``names.json`` (id -> image name) and
 ``index.json`` (kind, dim, metric, count, options), written to a temporary folder and renamed
-into place. A save killed between its two renames leaves the previous index as ``.<name>.old``: :meth:`GlobalIndex.load`
-reads it, and :func:`recover` (called by writers) renames it back and deletes the temporary
-folders of killed saves.
+into place. A save killed between its two renames leaves the previous index as
+``.<name>.old``: :meth:`GlobalIndex.load` reads it, and :func:`recover` (called by writers)
+renames it back and deletes the temporary folders of killed saves.
 """
 
 from __future__ import annotations
