@@ -16,11 +16,17 @@ import numpy as np
 from locore.benchmarks.datasets.base import check_exist, find_file
 from locore.benchmarks.datasets.gldv2 import load_gldv2
 from locore.benchmarks.datasets.revisitop import load_revisitop, read_distractors, read_gnd
-from locore.benchmarks.settings import DEFAULT_DEPTH, FULL_DEPTH_LIMIT, Settings, cached_stage
+from locore.benchmarks.settings import (
+    DEFAULT_DEPTH,
+    FULL_DEPTH_LIMIT,
+    Settings,
+    cached_stage,
+    content_key,
+)
 from locore.core.errors import UserError
 from locore.engine.extract import Item
 from locore.engine.metrics import rerank_junk
-from locore.indexing.shortlist import Shortlist
+from locore.indexing.shortlist import SUFFIXES, Shortlist
 from locore.rerank.base import Database, Queries
 
 DEMO_SOURCE = "python -c 'from locore.benchmarks.datasets.demo import generate; generate(\"DIR\")'"
@@ -44,6 +50,7 @@ class Collection:
     image_of: Callable[[str], Path] | None  # database name -> image file (for the grids)
     shortlist: Shortlist  # the first stage, database rows [Q, depth]
     num_official: int  # size of the official id space (database rows + unreadable images)
+    inputs: str  # key of what the features came from (file content, or extraction parameters)
 
     @property
     def eval_to_row(self) -> np.ndarray:
@@ -135,7 +142,8 @@ def first_stage(
 
     Files hold official ids: ``cut`` keeps their leading columns (None: all), ``eval_to_row``
     turns them into database rows (ids of images missing from the database go to the end as -1,
-    the rest keep their order).
+    the rest keep their order). The cache record names the file's content, never its path, so a
+    file regenerated in place is read again.
     """
     out = settings.out
     source = settings.shortlist_file
@@ -160,9 +168,21 @@ def first_stage(
             shortlist = search(depth)
         shortlist.save(out / "shortlist")
 
-    record = {**params, "source": str(source), "depth": depth if source is None else cut}
+    origin = None if source is None else content_key(out, shortlist_files(Path(source)))
+    record = {**params, "source": origin, "depth": depth if source is None else cut}
     cached_stage(out, "shortlist", record, work)
     return Shortlist.load(out / "shortlist")
+
+
+def shortlist_files(path: Path) -> list[Path]:
+    """The files of a shortlist ``Shortlist.load`` reads: an ``nn_*.pkl``, or our ``.npy`` pair
+    (given by prefix or either file)."""
+    if path.suffix == ".pkl":
+        return [path]
+    prefix = str(path)
+    for suffix in SUFFIXES:
+        prefix = prefix.removesuffix(suffix)
+    return [Path(f"{prefix}{suffix}") for suffix in SUFFIXES]
 
 
 def to_rows(shortlist: Shortlist, eval_to_row: np.ndarray) -> Shortlist:

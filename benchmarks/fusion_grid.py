@@ -17,6 +17,12 @@ Any stage that fuses window logits (a :class:`locore.rerank.base.LogitReranker`,
 can be grid-searched: its public ``window_logits`` hook fills the cache,
 ``<run>/fusion_logits_<setup>.npz``, written by ``locore bench revisitop --save-logits``
 (:func:`cache_logits`); any other benchmark can write one with :meth:`FusionCache.save`.
+
+Rankings follow the benchmark's rule (docs/REPRODUCE.md): past the cached list, every labelled
+image sits where the exact global similarity puts it in the full database ranking (cached as
+``rest_ids``/``rest_pos``), or the evaluation is shortlist-only. The best cell is compared with
+the default (α, τ) query by query (paired bootstrap), printed and written to ``best.json`` and
+``comparison.csv``.
 """
 
 from __future__ import annotations
@@ -24,7 +30,6 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -35,14 +40,22 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from locore.benchmarks.collection import Collection
-from locore.benchmarks.settings import Settings, cached_stage
+from locore.benchmarks.protocols import FULL_RULE, SHORTLIST_RULE, compare
+from locore.benchmarks.settings import Settings, array_digest, cached_stage
 from locore.core.errors import UserError
-from locore.engine.evaluate import to_imlist_ranks
-from locore.engine.metrics import GLDV2_PUBLIC, evaluate_revisited, gldv2_map_at_100
+from locore.engine.evaluate import CSV_COMPARISON, complete_ranks, shortlist_ranks
+from locore.engine.metrics import (
+    GLDV2_DEPTH,
+    GLDV2_PUBLIC,
+    Comparison,
+    evaluate_revisited,
+    gldv2_map_at_100,
+)
 from locore.indexing.shortlist import Shortlist
 from locore.rerank.base import LogitReranker
 from locore.rerank.chain import build_stage, stage_input
 from locore.rerank.fusion import fuse, rank_desc
+from locore.rerank.locore.reranker import LocoreOptions
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +75,9 @@ CACHE_FILE = "fusion_logits_{setup}.npz"
 SETUP_FILES = {"hard": "hard", "hard*": "hardstar"}
 CORNER = "α \\ τ"  # top-left cell of the printed grid
 SAVE_HINT = "run `locore bench revisitop ... --save-logits` with a locore stage to write it"
+# The cell the best one is compared with: LoCoRe's (and `bench revisitop`'s) default fusion.
+DEFAULT_FUSION = (LocoreOptions.alpha, LocoreOptions.temp)
+ARRAYS = ("ids", "sims", "logits", "lengths", "gnd", "meta", "rest_ids", "rest_pos")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -83,6 +99,9 @@ class FusionCache:
         shortlist_only: evaluate the ``M``-long ranking only (the official truncated number).
         n_public: GLDv2 queries of the public split (the first ones).
         info: provenance (dataset, chain, stage options, Hard setup), copied into ``best.json``.
+        rest_ids, rest_pos: ``[Q, T]`` int64, the labelled ids (easy, hard, junk) past ``ids``
+            in the full-database ranking and their 0-based positions in it (-1 pads); empty
+            when the evaluation is shortlist-only or ``ids`` already holds every labelled id.
     """
 
     ids: np.ndarray
@@ -95,8 +114,13 @@ class FusionCache:
     shortlist_only: bool = False
     n_public: int = GLDV2_PUBLIC
     info: dict = dataclasses.field(default_factory=dict)
+    rest_ids: np.ndarray | None = None
+    rest_pos: np.ndarray | None = None
 
     def __post_init__(self) -> None:
+        empty = np.zeros((len(self.ids), 0), dtype=np.int64)
+        self.rest_ids = np.asarray(empty if self.rest_ids is None else self.rest_ids, np.int64)
+        self.rest_pos = np.asarray(empty if self.rest_pos is None else self.rest_pos, np.int64)
         self.ids = np.asarray(self.ids, dtype=np.int64)
         self.sims = np.asarray(self.sims, dtype=np.float64)
         self.logits = np.asarray(self.logits, dtype=np.float64)
@@ -124,6 +148,18 @@ class FusionCache:
                 f"fusion cache id {int(self.ids.max())} is outside its {self.num_db}-image "
                 "database (num_db); write it again"
             )
+        placed = self.rest_ids >= 0
+        if (
+            self.rest_ids.shape != self.rest_pos.shape
+            or len(self.rest_ids) != len(self.ids)
+            or (self.rest_ids[placed] >= self.num_db).any()
+            or (self.rest_pos[placed] >= self.num_db).any()
+            or (self.rest_pos[placed] < 0).any()
+        ):
+            raise UserError(
+                f"fusion cache rest_ids {self.rest_ids.shape} / rest_pos {self.rest_pos.shape} "
+                f"do not fit its {len(self.ids)} queries and {self.num_db} images; write it again"
+            )
 
     def save(self, path: Path) -> Path:
         """Write one ``.npz`` (arrays plus JSON for the rest), atomically."""
@@ -145,6 +181,8 @@ class FusionCache:
             lengths=self.lengths,
             gnd=np.array(json.dumps(self.gnd)),
             meta=np.array(json.dumps(meta, default=str)),
+            rest_ids=self.rest_ids,
+            rest_pos=self.rest_pos,
         )
         os.replace(tmp, path)
         return path
@@ -160,9 +198,7 @@ class FusionCache:
                 arrays = {k: z[k] for k in z.files}
         except (OSError, ValueError) as err:
             raise UserError(f"{path} is not a readable .npz ({err}); {SAVE_HINT}") from None
-        missing = [
-            k for k in ("ids", "sims", "logits", "lengths", "gnd", "meta") if k not in arrays
-        ]
+        missing = [k for k in ARRAYS if k not in arrays]
         if missing:
             raise UserError(f"{path} has no {missing[0]!r} array (no LoCoRe logits); {SAVE_HINT}")
         meta = json.loads(str(arrays["meta"]))
@@ -172,6 +208,8 @@ class FusionCache:
             logits=arrays["logits"],
             lengths=arrays["lengths"],
             gnd=json.loads(str(arrays["gnd"])),
+            rest_ids=arrays["rest_ids"],
+            rest_pos=arrays["rest_pos"],
             **meta,
         )
 
@@ -202,11 +240,11 @@ def cache_logits(settings: Settings, data: Collection, runs: dict, setup: str = 
     """
     stages = settings.stages()
     path = settings.out / CACHE_FILE.format(setup=SETUP_FILES[setup])
-    shortlist_digest = hashlib.sha1(np.ascontiguousarray(data.shortlist.ids).tobytes())
     params = {
         "stages": stages,
         "setup": setup,
-        "shortlist": shortlist_digest.hexdigest()[:10],
+        "inputs": data.inputs,
+        "shortlist": array_digest(data.shortlist.ids),
         "eval_shortlist_only": settings.eval_shortlist_only,
     }
 
@@ -218,6 +256,16 @@ def cache_logits(settings: Settings, data: Collection, runs: dict, setup: str = 
         window = stage.window_logits(*stage_input(stage, queries, incoming), data.database)
         eval_ids = np.where(window.ids >= 0, data.row_to_eval[np.maximum(window.ids, 0)], -1)
         fields = METRICS_GND[settings.metric]
+        rest_ids = rest_pos = None
+        if settings.metric == "revisited" and not settings.eval_shortlist_only:
+            full = complete_ranks(
+                window.ids,
+                data.row_to_eval,
+                data.num_official,
+                data.queries.global_desc,
+                data.database.global_desc,
+            )
+            rest_ids, rest_pos = labelled_rest(full, (eval_ids >= 0).sum(axis=1), data.gnd["gnd"])
         FusionCache(
             ids=eval_ids,
             sims=window.sims,
@@ -235,10 +283,32 @@ def cache_logits(settings: Settings, data: Collection, runs: dict, setup: str = 
                 "stage": name,
                 "options": options,
             },
+            rest_ids=rest_ids,
+            rest_pos=rest_pos,
         ).save(path)
 
     cached_stage(settings.out, path.stem, params, work)
     return path
+
+
+def labelled_rest(
+    full: np.ndarray, heads: np.ndarray, gnd: Sequence[dict]
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(rest_ids, rest_pos)`` ``[Q, T]`` (-1 pads): per query, the easy / hard / junk ids of a
+    full ranking ``[n, Q]`` past its first ``heads[q]`` entries, and their positions (only
+    these move an AP; the grid does not keep the 1M-long rankings)."""
+    found = []
+    for q, g in enumerate(gnd):
+        labelled = [*g.get("easy", []), *g.get("hard", []), *g.get("junk", [])]
+        column = full[heads[q] :, q]
+        where = np.flatnonzero(np.isin(column, np.asarray(labelled, dtype=np.int64)))
+        found.append((column[where], where + heads[q]))
+    width = max((ids.size for ids, _ in found), default=0)
+    rest_ids = np.full((len(found), width), -1, dtype=np.int64)
+    rest_pos = np.full((len(found), width), -1, dtype=np.int64)
+    for q, (ids, pos) in enumerate(found):
+        rest_ids[q, : ids.size], rest_pos[q, : pos.size] = ids, pos
+    return rest_ids, rest_pos
 
 
 def _last_logit_stage(stages: list[tuple[str, dict]]) -> tuple[int, LogitReranker]:
@@ -266,6 +336,7 @@ class GridResult:
     temps: tuple[float, ...]
     values: dict[str, np.ndarray]
     objective: str
+    ranking: str  # what was ranked (full database or shortlist), for the printout and best.json
 
     @property
     def best(self) -> tuple[float, float]:
@@ -314,20 +385,58 @@ def objective_of(metric: str, split: str | None = None) -> str:
 
 def _base_ranks(cache: FusionCache) -> np.ndarray:
     """``[n_ranked, Q]`` evaluation ranking of the incoming order; its first ``lengths[q]`` rows
-    are the window's ids in incoming order (they precede any -1, so no shift)."""
+    are the window's ids in incoming order (they precede any -1, so no shift). A full-database
+    ranking holds -1 past the cached ids except where a labelled id sits (``rest_pos``): the
+    only entries an AP sees."""
     if cache.metric == "gldv2":
         return np.ascontiguousarray(cache.ids.T)
-    full = to_imlist_ranks(cache.ids, np.arange(cache.num_db), cache.num_db)
-    return full[: cache.ids.shape[1]] if cache.shortlist_only else full
+    head = shortlist_ranks(cache.ids, np.arange(cache.num_db))
+    if cache.shortlist_only:
+        return head
+    ranks = np.full((max(cache.num_db, len(head)), len(cache.ids)), -1, dtype=np.int64)
+    ranks[: len(head)] = head
+    q, t = np.nonzero(cache.rest_ids >= 0)
+    ranks[cache.rest_pos[q, t], q] = cache.rest_ids[q, t]
+    return ranks
 
 
-def _evaluate(cache: FusionCache, ranks: np.ndarray) -> dict[str, float]:
+def _ranking(cache: FusionCache) -> str:
+    """The ranking rule of the cache, as the benchmark's table names it."""
+    length = cache.ids.shape[1]
     if cache.metric == "gldv2":
-        out = gldv2_map_at_100(ranks, cache.gnd, n_public=min(cache.n_public, len(cache.gnd)))
-        return {k: out[k] for k in SPLITS}
+        depth = min(length, GLDV2_DEPTH)
+        return f"first {depth} ranks of the cached list" + (
+            " (positives past them missed)" if depth < GLDV2_DEPTH else ""
+        )
+    if cache.shortlist_only:
+        return f"shortlist of {length} ({SHORTLIST_RULE})"
+    return f"full database ({cache.num_db:,} images), {FULL_RULE}"
+
+
+def _evaluate(cache: FusionCache, ranks: np.ndarray) -> tuple[dict[str, float], dict]:
+    """``(metrics %, per-query APs)``: the APs (fractions) per comparable metric (Revisited:
+    medium, hard; GLDv2: each split's queries). GLDv2 windows shorter than 100 are scored as
+    they are (the depth is in :func:`_ranking`)."""
+    if cache.metric == "gldv2":
+        n_public = min(cache.n_public, len(cache.gnd))
+        out = gldv2_map_at_100(ranks, cache.gnd, n_public=n_public, shallow_ok=True)
+        aps = out["aps"]
+        parts = {"public": aps[:n_public], "private": aps[n_public:], "combined": aps}
+        return {k: out[k] for k in SPLITS}, parts
     out = evaluate_revisited(ranks, cache.gnd, shortlist_only=cache.shortlist_only)
     medium, hard = out["medium"]["map"], out["hard"]["map"]
-    return {"medium": medium, "hard": hard, "mean_mh": (medium + hard) / 2}
+    aps = {"medium": out["medium"]["aps"], "hard": out["hard"]["aps"]}
+    return {"medium": medium, "hard": hard, "mean_mh": (medium + hard) / 2}, aps
+
+
+def _cell(
+    cache: FusionCache, ranks: np.ndarray, head: np.ndarray, alpha: float, temp: float
+) -> tuple[dict[str, float], dict]:
+    """:func:`_evaluate` of one cell: ``ranks``' window rows (``head``, ``[Q, W]`` window ids in
+    incoming order) rewritten in the fused order, in place."""
+    order = window_order(cache, alpha, temp)
+    ranks[: head.shape[1]] = np.take_along_axis(head, order, 1).T
+    return _evaluate(cache, ranks)
 
 
 def window_order(cache: FusionCache, alpha: float, temp: float) -> np.ndarray:
@@ -371,16 +480,25 @@ def grid_search(
         raise UserError(f"fusion alpha {bad[0]} must lie in [0, 1]")
     objective = objective_of(cache.metric, split)
     ranks = _base_ranks(cache)
-    width = cache.logits.shape[1]
-    head = ranks[:width].T.copy()  # [Q, W] window ids in incoming order
+    head = ranks[: cache.logits.shape[1]].T.copy()  # [Q, W] window ids in incoming order
     values = {k: np.full((len(alphas), len(temps)), np.nan) for k in METRICS[cache.metric]}
     cells = [(i, j) for i in range(len(alphas)) for j in range(len(temps))]
     for i, j in tqdm(cells, desc="fusion grid", unit="cell", leave=False, disable=None):
-        order = window_order(cache, alphas[i], temps[j])
-        ranks[:width] = np.take_along_axis(head, order, 1).T
-        for name, value in _evaluate(cache, ranks).items():
+        for name, value in _cell(cache, ranks, head, alphas[i], temps[j])[0].items():
             values[name][i, j] = value
-    return GridResult(alphas, temps, values, objective)
+    return GridResult(alphas, temps, values, objective, _ranking(cache))
+
+
+def compare_with_default(
+    cache: FusionCache, result: GridResult, default: tuple[float, float] = DEFAULT_FUSION
+) -> dict[str, Comparison]:
+    """The best cell against ``default`` (α, τ), per metric (Revisited: medium, hard; GLDv2:
+    each split), from the per-query APs of both in mAP points (best minus default)."""
+    ranks = _base_ranks(cache)
+    head = ranks[: cache.logits.shape[1]].T.copy()
+    _, before = _cell(cache, ranks, head, *default)
+    _, after = _cell(cache, ranks, head, *result.best)
+    return {k: compare(before[k], after[k]) for k in before}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -431,8 +549,16 @@ def read_best(path: Path) -> tuple[float, float]:
         ) from None
 
 
-def write_outputs(result: GridResult, cache: FusionCache, source: Path, out: Path) -> list[Path]:
-    """``grid.csv`` (every cell, every metric), ``best.json`` and ``heatmap.png`` in ``out``."""
+def write_outputs(
+    result: GridResult,
+    cache: FusionCache,
+    source: Path,
+    out: Path,
+    comparisons: dict[str, Comparison],
+    default: tuple[float, float] = DEFAULT_FUSION,
+) -> list[Path]:
+    """``grid.csv`` (every cell, every metric), ``best.json``, ``comparison.csv`` (best against
+    ``default``, per metric) and ``heatmap.png`` in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     rows = result.rows()
     with open(out / "grid.csv", "w", newline="") as f:
@@ -440,6 +566,19 @@ def write_outputs(result: GridResult, cache: FusionCache, source: Path, out: Pat
         writer.writeheader()
         writer.writerows({k: round(v, 6) for k, v in row.items()} for row in rows)
     alpha, temp = result.best
+    fields = ("metric", "default_map", "best_map", *CSV_COMPARISON)
+    with open(out / "comparison.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for metric, c in comparisons.items():
+            values = {"default_map": c.mean_a, "best_map": c.mean_b}
+            values.update({k: getattr(c, k) for k in CSV_COMPARISON})
+            writer.writerow(
+                {
+                    "metric": metric,
+                    **{k: round(v, 6) if isinstance(v, float) else v for k, v in values.items()},
+                }
+            )
     best = {
         "alpha": alpha,
         "temp": temp,
@@ -448,13 +587,18 @@ def write_outputs(result: GridResult, cache: FusionCache, source: Path, out: Pat
         "metrics": result.at(alpha, temp),
         "grid": {"alphas": list(result.alphas), "temps": list(result.temps)},
         "mode": "single window (reference-spec §6.5)",
+        "ranking": result.ranking,
+        "comparison": {
+            "vs": {"alpha": default[0], "temp": default[1]},
+            **{metric: dataclasses.asdict(c) for metric, c in comparisons.items()},
+        },
         "cache": str(source),
         **cache.info,
     }
     (out / "best.json").write_text(json.dumps(best, indent=1, default=str) + "\n")
     title = f"{cache.info.get('dataset', cache.metric)}: single-window fusion"
     png = heatmap(result, out / "heatmap.png", title)
-    return [out / "grid.csv", out / "best.json", png]
+    return [out / "grid.csv", out / "best.json", out / "comparison.csv", png]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -507,12 +651,21 @@ def run(args: argparse.Namespace) -> int:
     if args.dataset is not None and not name.startswith(args.dataset):
         raise UserError(f"{source} holds {name} logits, not {args.dataset}; check --cache")
     result = grid_search(cache, args.alphas, args.temps, args.split)
+    comparisons = compare_with_default(cache, result)
     out = args.out or (source.parent / "fusion_grid")
-    files = write_outputs(result, cache, source, out)
+    files = write_outputs(result, cache, source, out, comparisons)
     alpha, temp = result.best
-    print(f"{name}: single-window fusion grid over {len(cache.ids)} queries")
+    print(f"{name}: single-window fusion grid over {len(cache.ids)} queries, {result.ranking}")
     print(result.table())
     best = ", ".join(f"{k} {v:.2f}" for k, v in result.at(alpha, temp).items())
     print(f"\nbest: alpha={alpha:g} temp={temp:g} ({best})")
+    first = next(iter(comparisons.values()))
+    print(
+        f"best - default (alpha={DEFAULT_FUSION[0]:g} temp={DEFAULT_FUSION[1]:g}), per-query AP: "
+        f"mean difference [{100 * first.confidence:g} % paired bootstrap CI, "
+        f"{first.resamples:,} resamples, seed {first.seed}], queries better / same / worse"
+    )
+    for metric, c in comparisons.items():
+        print(f"  {metric:<10}{c.summary()}")
     print(f"written: {', '.join(str(f) for f in files)}")
     return 0

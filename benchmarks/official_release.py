@@ -21,7 +21,7 @@ from locore.benchmarks.collection import Collection, dataset_files, first_stage,
 from locore.benchmarks.datasets.gldv2 import GND, public_count, read_list_names, read_ok_gnd
 from locore.benchmarks.datasets.revisitop import read_gnd
 from locore.benchmarks.protocols import evaluation_of
-from locore.benchmarks.settings import Settings
+from locore.benchmarks.settings import Settings, content_key
 from locore.core.errors import UserError
 from locore.engine.config import IndexConfig
 from locore.engine.stages import index_globals, search_index
@@ -41,6 +41,7 @@ class ReleaseFiles:
     """
 
     gnd: dict  # qimlist, imlist (empty: unnamed), gnd; GLDv2 adds n_public
+    gnd_file: Path  # the pickle ``gnd`` was read from
     query_local: Path
     gallery_local: list[Path]
     query_global: Path
@@ -80,8 +81,10 @@ def _revisited_release(settings: Settings) -> ReleaseFiles:
     gnd_path = next(
         (p for p in (base / f"gnd_{ds}.pkl", full / f"gnd_{dsx}.pkl") if p.is_file()), None
     )
+    gnd_path = gnd_path or _need(base / f"gnd_{ds}.pkl")
     return ReleaseFiles(
-        gnd=read_gnd(gnd_path or _need(base / f"gnd_{ds}.pkl")),
+        gnd=read_gnd(gnd_path),
+        gnd_file=gnd_path,
         query_local=_need(base / f"{prefix}_query_local.hdf5"),
         gallery_local=[_need(full / f"{prefix}_gallery_local.hdf5")],
         query_global=_need(base / f"{prefix}_query_global.pt"),
@@ -102,6 +105,7 @@ def _gldv2_release(settings: Settings) -> ReleaseFiles:
         qimlist, imlist = [f"query{i}" for i in range(len(gnd))], []
     return ReleaseFiles(
         gnd={"qimlist": qimlist, "imlist": imlist, "gnd": gnd, "n_public": public_count(len(gnd))},
+        gnd_file=test / GND,
         query_local=_need(test / f"{prefix}_local.hdf5"),
         gallery_local=_chunks(
             index, f"{prefix}_local.hdf5", (f"{prefix}_x??_local.hdf5", f"{prefix}_local_x??.hdf5")
@@ -138,8 +142,19 @@ def _gallery_globals(paths: list[Path], dim: int) -> np.ndarray:
 def from_official(settings: Settings) -> Collection:
     """Open the AMES data release (:data:`RELEASES` says where each benchmark's files lie);
     features are read in place, never copied. Without a release shortlist the first stage is an
-    exact search of the release's globals."""
+    exact search of the release's globals. Cached stages are keyed by the content of the files
+    (:func:`~locore.benchmarks.settings.content_key`), never by the folder."""
     files = RELEASES[settings.metric](settings)
+    inputs = content_key(
+        settings.out,
+        [
+            files.gnd_file,
+            files.query_local,
+            *files.gallery_local,
+            files.query_global,
+            *files.gallery_global,
+        ],
+    )
     gnd = files.gnd
     with LocalStore(files.query_local) as qstore:
         n_q = len(qstore)
@@ -186,7 +201,7 @@ def from_official(settings: Settings) -> Collection:
         shortlist_settings,
         search,
         n_db,
-        {"official": str(files.shortlists)},
+        {"official": inputs},
         cut=evaluation_of(settings).file_depth(settings),
     )
     names = [*gnd["imlist"], *(f"distractor{i}" for i in range(n_db - n_im))]
@@ -210,4 +225,5 @@ def from_official(settings: Settings) -> Collection:
         image_of,
         shortlist,
         n_db,
+        inputs,
     )

@@ -18,6 +18,7 @@ import numpy as np
 
 from locore.core.atomic import atomic_open
 from locore.core.errors import UserError
+from locore.engine.metrics import Comparison
 
 DPI = 100
 LABEL_COLORS: dict[str | None, tuple[int, int, int]] = {
@@ -302,6 +303,7 @@ def ap_scatter(
     color_label: str = "positives in shortlist",
     axis_labels: tuple[str, str] = ("global AP", "re-ranked AP"),
     panel_inches: float = 3.4,
+    comparisons: Mapping[str, Comparison] | None = None,
 ) -> Path:
     """One point per query, AP before (x) vs after (y), with the y = x line (the paper's
     supplementary Figure A): points above the line are queries the re-ranker improved.
@@ -317,6 +319,9 @@ def ap_scatter(
         color_label: colour bar label; axis_labels: (x, y) axis labels.
         panel_inches: size of one panel; the PNG is ``n * panel_inches * 100`` by
             ``(panel_inches + 0.3) * 100`` pixels.
+        comparisons: per panel, the paired bootstrap of these APs (``paired_bootstrap``): its
+            queries better / same / worse and interval title the panel, so the plot shows the
+            counts the report prints; without it the counts are :func:`ap_changes`.
     """
     names = _panels(ap_before, ap_after, labels)
     width, height = round(len(names) * panel_inches * DPI), round((panel_inches + 0.3) * DPI)
@@ -334,10 +339,17 @@ def ap_scatter(
             c = np.asarray(color[name], float)[keep]
             points = ax.scatter(x[keep], y[keep], s=14, c=c, cmap="viridis", zorder=2)
             fig.colorbar(points, ax=ax, label=color_label)
-        n = ap_changes(x, y)
         ax.set(xlim=(0, 1), ylim=(0, 1), xlabel=axis_labels[0], ylabel=axis_labels[1])
         ax.set_aspect("equal")
-        ax.set_title(f"{name}: {n['up']} up, {n['down']} down, {n['same']} same", fontsize=8)
+        if comparisons is not None and name in comparisons:
+            c = comparisons[name]
+            head = f"{name}: {c.improved} better, {c.unchanged} same, {c.worsened} worse"
+            ax.set_title(
+                f"{head}\nΔ {c.delta:+.2f} [{c.ci_low:+.2f}, {c.ci_high:+.2f}]", fontsize=8
+            )
+        else:
+            n = ap_changes(x, y)
+            ax.set_title(f"{name}: {n['up']} up, {n['down']} down, {n['same']} same", fontsize=8)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return _save(fig, out_png)

@@ -12,6 +12,11 @@ GLDv2 (reference-spec §7.3): mAP@100 of the public (first 379), private (last 7
 queries. The ground truth has only ``ok`` (no junk, no Easy/Hard), so the two setups would
 re-rank the same shortlists: one run (the ``hard`` key, which moves nothing here) serves all
 three numbers.
+
+Rankings (docs/REPRODUCE.md, "The +1M ranking rule"): the shortlist, then every other image by
+its exact global similarity (``complete_ranks``), so no number depends on where an image sits
+in a file; or, with ``--eval-shortlist-only``, the shortlist alone as the official code does.
+Every re-ranked row is compared with the global one query by query (paired bootstrap).
 """
 
 from __future__ import annotations
@@ -22,15 +27,56 @@ import numpy as np
 
 from locore.benchmarks.collection import Collection
 from locore.benchmarks.settings import DEFAULT_DEPTH, Settings
-from locore.engine.evaluate import to_imlist_ranks
-from locore.engine.metrics import GLDV2_DEPTH, RERANK_SETUPS, evaluate_revisited, gldv2_map_at_100
+from locore.engine.evaluate import CSV_COMPARISON, complete_ranks, shortlist_ranks
+from locore.engine.metrics import (
+    GLDV2_DEPTH,
+    RERANK_SETUPS,
+    Comparison,
+    evaluate_revisited,
+    gldv2_map_at_100,
+    paired_bootstrap,
+)
+
+# How the evaluated rankings are built, named in every report.
+FULL_RULE = "ranked past the shortlist by exact global similarity"
+SHORTLIST_RULE = "the official rule: positives past it count as missed"
 
 
 def full_ranks(settings: Settings, data: Collection, ids: np.ndarray) -> np.ndarray:
-    """``[n_ranked, Q]`` imlist-space ranking (official shape) over the whole database, or only
-    the shortlist with ``eval_shortlist_only`` (the official, truncated evaluation)."""
-    full = to_imlist_ranks(ids, data.row_to_eval, data.num_official)
-    return full[: ids.shape[1]] if settings.eval_shortlist_only else full
+    """``[n_ranked, Q]`` ground-truth-id ranking (official shape) of database rows ``[Q, M]``:
+    the whole database, every image past the shortlist by its exact global similarity to the
+    query; with ``eval_shortlist_only`` the shortlist alone (-1 pads a shorter row)."""
+    if settings.eval_shortlist_only:
+        return shortlist_ranks(ids, data.row_to_eval)
+    return complete_ranks(
+        ids,
+        data.row_to_eval,
+        data.num_official,
+        data.queries.global_desc,
+        data.database.global_desc,
+    )
+
+
+def ranking_rule(settings: Settings, data: Collection) -> str:
+    """What the mAP is computed over, for the table header and metrics.json."""
+    if settings.eval_shortlist_only:
+        return f"shortlist of {data.shortlist.ids.shape[1]} ({SHORTLIST_RULE})"
+    return f"full database ({data.num_official:,} images), {FULL_RULE}"
+
+
+def compare(before: np.ndarray, after: np.ndarray) -> Comparison:
+    """Per-query APs (fractions, NaN = excluded) of a re-ranked row against the global row, in
+    mAP points."""
+    return paired_bootstrap(100 * np.asarray(before), 100 * np.asarray(after))
+
+
+def comparison_columns(compared: dict[str, Comparison]) -> dict:
+    """results.csv columns ``<protocol>_<field>`` of a row's comparisons with the global row."""
+    return {
+        f"{proto}_{field}": round(v, 4) if isinstance(v := getattr(c, field), float) else v
+        for proto, c in compared.items()
+        for field in CSV_COMPARISON
+    }
 
 
 def nan_none(v: float) -> float | None:
@@ -65,6 +111,13 @@ class Evaluation(abc.ABC):
         """One row of results.csv / metrics.json."""
 
     @abc.abstractmethod
+    def compare(
+        self, data: Collection, before: dict, by_setup: dict[str, dict]
+    ) -> dict[str, Comparison]:
+        """Per table column (``medium``, ``hard``, ...), the paired bootstrap of a re-ranked
+        row's per-query APs against the global row's."""
+
+    @abc.abstractmethod
     def table(self, settings: Settings, data: Collection, rows: list[dict], ranking: str) -> str:
         """The printed table; ``ranking`` says what was ranked (full database or shortlist)."""
 
@@ -75,6 +128,9 @@ class Evaluation(abc.ABC):
     @abc.abstractmethod
     def scatter(self, before: dict, final: dict[str, dict]) -> tuple[dict, dict]:
         """Per-query APs by scatter panel, before and after re-ranking."""
+
+    # scatter panel -> the key of :meth:`compare` whose APs it plots
+    panel_columns: dict[str, str]
 
     @abc.abstractmethod
     def panel_positives(self, g: dict) -> dict[str, list[int]]:
@@ -89,6 +145,7 @@ class RevisitedEvaluation(Evaluation):
     """Easy/Medium/Hard mAP (%), Medium and Hard from the ``hard`` run, Hard* from ``hard*``."""
 
     setups = RERANK_SETUPS
+    panel_columns = {"Medium": "medium", "Hard": "hard", "Hard*": "hard*"}
 
     def evaluate(self, settings: Settings, data: Collection, ids: np.ndarray) -> dict:
         ranks = self.ranks(settings, data, ids)
@@ -105,6 +162,16 @@ class RevisitedEvaluation(Evaluation):
             for k, v in zip(metrics[key]["kappas"], metrics[key]["mpk"]):
                 row[f"{proto}_mp@{k}"] = round(float(v), 3)
         return row
+
+    def compare(
+        self, data: Collection, before: dict, by_setup: dict[str, dict]
+    ) -> dict[str, Comparison]:
+        normal, star = by_setup["hard"], by_setup["hard*"]
+        return {
+            "medium": compare(before["medium"]["aps"], normal["medium"]["aps"]),
+            "hard": compare(before["hard"]["aps"], normal["hard"]["aps"]),
+            "hard*": compare(before["hard"]["aps"], star["hard"]["aps"]),
+        }
 
     def table(self, settings: Settings, data: Collection, rows: list[dict], ranking: str) -> str:
         lines = [
@@ -160,6 +227,7 @@ class Gldv2Evaluation(Evaluation):
 
     setups = RERANK_SETUPS[:1]  # no junk and no easy images: "hard" moves nothing out
     splits = ("public", "private", "combined")
+    panel_columns = {"AP@100": "combined"}
 
     def file_depth(self, settings: Settings) -> int | None:
         """The release's ``nn_superglobal.pkl`` ranks the whole 762k-image index (~7 GB of ids)
@@ -172,22 +240,48 @@ class Gldv2Evaluation(Evaluation):
         only locate positives for the per-query report."""
         depth = min(GLDV2_DEPTH, data.num_official)
         if ids.shape[1] >= depth and (ids[:, :depth] >= 0).all():
-            return np.ascontiguousarray(np.where(ids >= 0, data.row_to_eval[ids], -1).T)
+            return shortlist_ranks(ids, data.row_to_eval)
         return full_ranks(settings, data, ids)
 
     def evaluate(self, settings: Settings, data: Collection, ids: np.ndarray) -> dict:
+        """mAP@100; a shortlist-only ranking shorter than 100 is scored as it is (its depth is
+        in the row and the table)."""
         ranks = self.ranks(settings, data, ids)
-        return gldv2_map_at_100(ranks, data.gnd["gnd"], n_public=data.gnd["n_public"])
+        return gldv2_map_at_100(
+            ranks,
+            data.gnd["gnd"],
+            n_public=data.gnd["n_public"],
+            shallow_ok=settings.eval_shortlist_only,
+        )
 
     def row(self, label: str, by_setup: dict[str, dict]) -> dict:
         (metrics,) = by_setup.values()
-        return {"method": label, **{f"{k}_map@100": round(metrics[k], 3) for k in self.splits}}
+        return {
+            "method": label,
+            **{f"{k}_map@100": round(metrics[k], 3) for k in self.splits},
+            "depth": metrics["depth"],
+        }
+
+    def compare(
+        self, data: Collection, before: dict, by_setup: dict[str, dict]
+    ) -> dict[str, Comparison]:
+        (after,) = by_setup.values()
+        n_public = data.gnd["n_public"]
+        parts = {
+            "public": slice(0, n_public),
+            "private": slice(n_public, None),
+            "combined": slice(None),
+        }
+        return {k: compare(before["aps"][part], after["aps"][part]) for k, part in parts.items()}
 
     def table(self, settings: Settings, data: Collection, rows: list[dict], ranking: str) -> str:
         n, n_public = len(data.gnd["qimlist"]), data.gnd["n_public"]
+        depth = rows[0]["depth"]
+        shallow = depth < min(GLDV2_DEPTH, data.num_official)
+        cut = f"; ranks 1-{depth} only, positives past them missed" if shallow else ""
         lines = [
             f"{settings.name}: {n} queries ({n_public} public, {n - n_public} private), "
-            f"mAP@100 (%) over the {ranking}",
+            f"mAP@100 (%) over the {ranking}{cut}",
             f"{'method':<36}{'Public':>9}{'Private':>9}{'Combined':>10}",
         ]
         for row in rows:

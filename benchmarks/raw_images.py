@@ -101,4 +101,5 @@ def from_images(settings: Settings, config: PipelineConfig) -> Collection:
         paths.get,
         shortlist,
         len(db_items),
+        digest({**db_params, **q_params}),
     )

@@ -2,6 +2,8 @@
 ``metrics.json``, ``per_query.jsonl``, ``table.txt``, ``ap_scatter.png`` and ``grids/``.
 
 What each protocol puts in them comes from its :class:`~locore.benchmarks.protocols.Evaluation`.
+Every re-ranked row carries its comparison with the global row (mean per-query AP difference,
+paired bootstrap interval, queries better / same / worse) in the table, the CSV and the JSON.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ import numpy as np
 
 from locore.benchmarks import plots
 from locore.benchmarks.collection import Collection, positives
-from locore.benchmarks.protocols import evaluation_of
+from locore.benchmarks.protocols import evaluation_of, ranking_rule
 from locore.benchmarks.settings import Settings
+from locore.engine.metrics import Comparison
 from locore.feature_extractors.io import load_image
 
 MISSING_IMAGE = np.full((64, 64, 3), 200, np.uint8)  # grid cell of an image we have no file for
@@ -26,19 +29,35 @@ class Report:
     """What the benchmark printed and wrote."""
 
     rows: list[dict]  # one per chain prefix, "global" first (results.csv)
+    comparisons: list[dict[str, Comparison]]  # per re-ranked row (rows[1:]), vs the global row
     table: str  # the printed table
     files: list[str]  # written files, relative to --out
 
 
-def format_table(settings: Settings, data: Collection, rows: list[dict]) -> str:
+def format_table(
+    settings: Settings,
+    data: Collection,
+    rows: list[dict],
+    comparisons: list[dict[str, Comparison]],
+) -> str:
     """The paper's layout: one row per chain prefix (Revisited: Medium / Hard / Hard* mAP;
-    GLDv2: public / private / combined mAP@100)."""
-    ranking = (
-        f"shortlist of {data.shortlist.ids.shape[1]}"
-        if settings.eval_shortlist_only
-        else f"full database ({data.num_official:,} images)"
-    )
-    return evaluation_of(settings).table(settings, data, rows, ranking)
+    GLDv2: public / private / combined mAP@100), then each re-ranked row against the global
+    one, per column."""
+    table = evaluation_of(settings).table(settings, data, rows, ranking_rule(settings, data))
+    if not comparisons:
+        return table
+    first = next(iter(comparisons[0].values()))
+    lines = [
+        table,
+        f"vs global, per-query AP: mean difference [{100 * first.confidence:g} % paired "
+        f"bootstrap CI, {first.resamples:,} resamples, seed {first.seed}], queries "
+        "better / same / worse",
+    ]
+    for row, compared in zip(rows[1:], comparisons):
+        for i, (column, c) in enumerate(compared.items()):
+            label = row["method"] if i == 0 else ""
+            lines.append(f"{label:<36}{column.capitalize():<10}{c.summary()}")
+    return "\n".join(lines)
 
 
 def write_reports(
@@ -48,17 +67,20 @@ def write_reports(
     before: dict,
     stage_metrics: list[dict[str, dict]],
     runs: dict,
+    comparisons: list[dict[str, Comparison]],
 ) -> list[str]:
     """Write every report file but ``table.txt``; returns their names.
 
-    ``stage_metrics[i]`` maps each setup to the metrics after chain stage i, ``runs`` each setup
-    to the stages' ``(ids, scores)`` (``benchmarks.revisitop.rerank_runs``); the first setup's
-    final ranking is the one shown per query and in the grids.
+    ``stage_metrics[i]`` maps each setup to the metrics after chain stage i, ``comparisons[i]``
+    each column to that row's comparison with the global row, ``runs`` each setup to the
+    stages' ``(ids, scores)`` (``benchmarks.revisitop.rerank_runs``); the first setup's final
+    ranking is the one shown per query and in the grids.
     """
     out = settings.out
     evaluation = evaluation_of(settings)
     with open(out / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        # the global row has no comparison columns: blank there
+        writer = csv.DictWriter(f, fieldnames=list(rows[-1]), restval="")
         writer.writeheader()
         writer.writerows(rows)
     meta = {
@@ -67,7 +89,16 @@ def write_reports(
         "stages": settings.stages(),
         "shortlist_depth": int(data.shortlist.ids.shape[1]),
         "eval_shortlist_only": settings.eval_shortlist_only,
+        "ranking": ranking_rule(settings, data),
         "rows": rows,
+        "comparisons": [
+            {
+                "method": row["method"],
+                "vs": rows[0]["method"],
+                **{column: dataclasses.asdict(c) for column, c in compared.items()},
+            }
+            for row, compared in zip(rows[1:], comparisons)
+        ],
     }
     (out / "metrics.json").write_text(json.dumps(meta, indent=1, default=str))
     files = ["results.csv", "metrics.json"]
@@ -99,6 +130,9 @@ def write_reports(
             title=f"{settings.name}: global vs {' + '.join(settings.chain)}",
             color=_positives_in_shortlist(settings, data),
             color_label=f"positives in the top {settings.locore.get('topk', 400)}",
+            comparisons={
+                panel: comparisons[-1][column] for panel, column in evaluation.panel_columns.items()
+            },
         )
         files.append("ap_scatter.png")
     final_scores = runs[shown][-1][1] if runs else data.shortlist.sims

@@ -26,7 +26,7 @@ import numpy as np
 from locore.benchmarks.collection import Collection
 from locore.benchmarks.fusion_grid import cache_logits, read_best
 from locore.benchmarks.official_release import from_official
-from locore.benchmarks.protocols import evaluation_of
+from locore.benchmarks.protocols import comparison_columns, evaluation_of
 from locore.benchmarks.raw_images import from_images
 from locore.benchmarks.report import Report, format_table, write_reports
 from locore.benchmarks.settings import (
@@ -34,6 +34,7 @@ from locore.benchmarks.settings import (
     DEFAULT_DEPTH,
     FULL_DEPTH_LIMIT,
     Settings,
+    array_digest,
     cached_stage,
     digest,
 )
@@ -203,19 +204,21 @@ def run_benchmark(settings: Settings, config: PipelineConfig) -> Report:
     evaluation = evaluation_of(settings)
     before = evaluation.evaluate(settings, data, data.shortlist.ids)
     rows = [evaluation.row("global", dict.fromkeys(evaluation.setups, before))]
-    stage_metrics = []
+    stage_metrics, comparisons = [], []
     for i in range(len(settings.chain)):
         name = " + ".join(settings.chain[: i + 1])
         by_setup = {
             s: evaluation.evaluate(settings, data, runs[s][i][0]) for s in evaluation.setups
         }
-        rows.append(evaluation.row(name, by_setup))
+        compared = evaluation.compare(data, before, by_setup)
+        rows.append({**evaluation.row(name, by_setup), **comparison_columns(compared)})
         stage_metrics.append(by_setup)
-    files = write_reports(settings, data, rows, before, stage_metrics, runs)
-    table = format_table(settings, data, rows)
+        comparisons.append(compared)
+    files = write_reports(settings, data, rows, before, stage_metrics, runs, comparisons)
+    table = format_table(settings, data, rows, comparisons)
     (settings.out / "table.txt").write_text(table + "\n")
     files.append("table.txt")
-    return Report(rows, table, files)
+    return Report(rows, comparisons, table, files)
 
 
 def rerank_runs(
@@ -228,16 +231,20 @@ def rerank_runs(
         return {}
     folder = settings.out / "rerank"
     folder.mkdir(parents=True, exist_ok=True)
-    tag = digest({"stages": stages, "shortlist": digest({"ids": data.shortlist.ids.tolist()})})
+    # the content of the inputs and of the shortlist, never a path or a Python list of 1M ids
+    tag = digest(
+        {"stages": stages, "inputs": data.inputs, "shortlist": array_digest(data.shortlist.ids)}
+    )
     chain = None
     runs = {}
     for setup in evaluation_of(settings).setups:
         path = folder / f"{tag}_{setup.replace('*', 'star')}.npz"
+        junk = data.junk_sets(setup)
 
-        def work(path: Path = path, setup: str = setup) -> None:
+        def work(path: Path = path, junk: list[set[int]] = junk) -> None:
             nonlocal chain
             chain = chain or build_chain(stages)
-            queries = dataclasses.replace(data.queries, junk=data.junk_sets(setup))
+            queries = dataclasses.replace(data.queries, junk=junk)
             _, results = chain.run(queries, data.shortlist, data.database)
             arrays = {}
             for i, r in enumerate(results):
@@ -246,7 +253,8 @@ def rerank_runs(
             np.savez(tmp, **arrays)
             os.replace(tmp, path)
 
-        cached_stage(folder, path.stem, {"stages": stages, "setup": setup}, work)
+        moved = digest({"junk": [sorted(ids) for ids in junk]})  # the ground truth decides it
+        cached_stage(folder, path.stem, {"stages": stages, "setup": setup, "junk": moved}, work)
         with np.load(path) as z:
             runs[setup] = [(z[f"ids{i}"], z[f"scores{i}"]) for i in range(len(stages))]
     return runs

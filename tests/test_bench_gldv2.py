@@ -116,7 +116,9 @@ def test_official_release_chunks_hand_computed_map_reranking_and_fusion_grid(
     # The global row is the official shortlist's mAP@100, computed by hand (1,129 > 3 queries:
     # every one is public, the private split is empty).
     rows = _csv(out / "results.csv")
-    assert list(rows[0]) == ["method", "public_map@100", "private_map@100", "combined_map@100"]
+    maps = ["public_map@100", "private_map@100", "combined_map@100"]
+    assert list(rows[0])[:5] == ["method", *maps, "depth"]
+    assert rows[0]["depth"] == "100"  # the official shortlist fills the 100 scored ranks
     expected = 100 * np.mean(HAND_AP)
     assert float(rows[0]["public_map@100"]) == pytest.approx(expected, abs=1e-3)
     assert float(rows[0]["combined_map@100"]) == pytest.approx(expected, abs=1e-3)
@@ -138,6 +140,17 @@ def test_official_release_chunks_hand_computed_map_reranking_and_fusion_grid(
     by_hand = gldv2_map_at_100(reranked.T, gnd, n_public=3)
     assert float(rows[1]["public_map@100"]) == pytest.approx(by_hand["public"], abs=1e-3)
     assert rows[1]["public_map@100"] != rows[0]["public_map@100"]  # LoCoRe moved positives
+    # ... and the comparison with the global row is that of the per-query APs@100 (every
+    # query public here: the private split has none to compare).
+    after = [r["ap@100_after"] for r in records]
+    diff = 100 * (np.array(after) - np.array(HAND_AP))
+    for split in ("public", "combined"):
+        assert float(rows[1][f"{split}_delta"]) == pytest.approx(diff.mean(), abs=1e-3)
+        assert int(rows[1][f"{split}_improved"]) == (diff > 1e-9).sum()
+    assert rows[1]["private_delta"] == "nan"
+    (compared,) = json.loads((out / "metrics.json").read_text())["comparisons"]
+    assert compared["combined"]["n_queries"] == 3
+    assert "vs global, per-query AP" in "\n".join(printed)
 
     # The fusion grid on the saved logits: α = 1 keeps the shortlist, the run's own (α, τ) cell
     # is the benchmark's single-window re-ranked row.

@@ -1,8 +1,10 @@
 """``locore bench revisitop`` end to end on tiny fake datasets in the public layouts (CPU)."""
 
 import csv
+import dataclasses
 import json
 import pickle
+import shutil
 
 import cv2
 import h5py
@@ -17,6 +19,7 @@ from locore.benchmarks.revisitop import run_benchmark
 from locore.benchmarks.settings import Settings, cached_stage
 from locore.core.errors import UserError
 from locore.engine.config import PipelineConfig
+from locore.engine.metrics import Comparison
 from locore.indexing.shortlist import Shortlist
 
 SCENES = 3  # landmarks; each has 2 easy, 1 hard and 1 junk database view and one query
@@ -198,45 +201,70 @@ def test_a_stage_without_its_marker_runs_again_and_the_others_are_reused(
     assert (out / "results.csv").read_text() == results
 
 
-def _official_release(root, rng, n_db=10, n_q=2, k=8, dim=16, gdim=12):
-    """AMES-release files: flat float32 local HDF5, raw float32 .pt globals, nn pkl, gnd pkl."""
+def _official_release(
+    root, rng, n_db=10, n_q=2, k=8, dim=16, gdim=12, ranked=None, depth=None, front=0
+):
+    """AMES-release files: flat float32 local HDF5, raw float32 .pt globals, nn pkl, gnd pkl.
+
+    Images 7, 8, 9 are distractors (no label). The shortlist ranks ``ranked`` (default: every
+    image, in reversed order, so positives start at the bottom), its first ``depth`` only.
+    ``front`` moves the last ``front`` images (distractors) to the front of every file: the
+    same collection with other ids, as a +1M release with the distractors first would be.
+    """
     base = root / "roxford5k"
     base.mkdir(parents=True)
+    order = np.r_[np.arange(n_db - front, n_db), np.arange(n_db - front)]  # file row -> image
+    file_id = np.argsort(order)  # image -> file row
     for split, n in (("query", n_q), ("gallery", n_db)):
         rows = np.zeros((n, k, 5 + dim), np.float32)
         rows[..., 5:] = rng.standard_normal((n, k, dim))
         rows[..., 4] = 1.0
         rows[:, -2:, 3] = 1.0  # two padded rows per image
         rows[:, -2:, 5:] = 0.0
+        g = rng.standard_normal((n, gdim)).astype(np.float32)
+        g /= np.linalg.norm(g, axis=1, keepdims=True)
+        if split == "gallery":
+            rows, g = rows[order], g[order]
         with h5py.File(base / f"dinov2_{split}_local.hdf5", "w") as f:
             f.create_dataset("features", data=rows)
-        g = rng.standard_normal((n, gdim)).astype(np.float32)
-        (g / np.linalg.norm(g, axis=1, keepdims=True)).tofile(base / f"dinov2_{split}_global.pt")
+        g.tofile(base / f"dinov2_{split}_global.pt")
     gnd = [
         {"bbx": [0, 0, 5, 5], "easy": [0, 1], "hard": [2], "junk": [3]},
         {"bbx": [0, 0, 5, 5], "easy": [4], "hard": [5, 6], "junk": []},
     ]
-    imlist = [f"im{i}" for i in range(n_db)]
+    gnd = [
+        {"bbx": g["bbx"], **{f: file_id[g[f]].tolist() for f in ("easy", "hard", "junk")}}
+        for g in gnd
+    ]
+    imlist = [f"im{i}" for i in order]
     with open(base / "gnd_roxford5k.pkl", "wb") as f:
         pickle.dump({"imlist": imlist, "qimlist": ["q0", "q1"], "gnd": gnd}, f)
-    # Official shortlist: [2, Q, M] torch tensor, similarities then ids as floats; reversed order
-    # so positives start at the bottom.
-    ids = np.tile(np.arange(n_db)[::-1], (n_q, 1)).astype(np.float64)
-    sims = np.tile(np.linspace(0.9, 0.1, n_db), (n_q, 1))
+    # Official shortlist: [2, Q, M] torch tensor, similarities then ids as floats.
+    ranked = np.arange(n_db)[::-1] if ranked is None else np.asarray(ranked)
+    ids = np.tile(file_id[ranked][:depth], (n_q, 1)).astype(np.float64)
+    sims = np.tile(np.linspace(0.9, 0.1, n_db)[: ids.shape[1]], (n_q, 1))
     torch.save(torch.from_numpy(np.stack([sims, ids])), base / "nn_superglobal.pkl")
     return gnd
+
+
+def _official_argv(release, out, checkpoint, *extra):
+    return [
+        "bench", "revisitop", "--dataset", "roxford5k", "--from-official", str(release),
+        "--out", str(out), "--checkpoint", str(checkpoint), "--num-local", "6",
+        "--device", "cpu", "--topk", "10", "--window", "4", "--stride", "2", *extra,
+    ]  # fmt: skip
+
+
+def _release_checkpoint(tmp_path):
+    """A random micro LoCoRe for the fake release's 16-D locals and 12-D globals."""
+    return save_micro(tmp_path / "ckpt", local_dim=16, global_dim=12, num_local=6)
 
 
 def test_from_official_files_with_a_micro_reranker(tmp_path, capsys):
     rng = np.random.default_rng(1)
     gnd = _official_release(tmp_path / "release", rng)
-    ckpt = save_micro(tmp_path / "ckpt", local_dim=16, global_dim=12, num_local=6)
     out = tmp_path / "out"
-    argv = [
-        "bench", "revisitop", "--dataset", "roxford5k", "--from-official",
-        str(tmp_path / "release"), "--out", str(out), "--checkpoint", str(ckpt),
-        "--num-local", "6", "--device", "cpu", "--topk", "10", "--window", "4", "--stride", "2",
-    ]  # fmt: skip
+    argv = _official_argv(tmp_path / "release", out, _release_checkpoint(tmp_path))
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out
     assert "locore_base" in printed
@@ -261,11 +289,93 @@ def test_from_official_files_with_a_micro_reranker(tmp_path, capsys):
         assert sorted(z["ids0"][0].tolist()) == list(range(10))
     assert gnd[0]["junk"] == [3]
     assert not (out / "grids").exists()  # no images given: no grids, no failure
+
+    # The re-ranked row against the global one, query by query, in the CSV, JSON and table: the
+    # mean difference is that of the per-query APs, the counts are theirs.
+    assert rows[0]["medium_delta"] == ""  # the global row is what the others are compared with
+    records = [json.loads(line) for line in (out / "per_query.jsonl").read_text().splitlines()]
+    meta = json.loads((out / "metrics.json").read_text())
+    (compared,) = meta["comparisons"]
+    assert (compared["method"], compared["vs"]) == ("locore_base", "global")
+    fields = {f.name for f in dataclasses.fields(Comparison)}
+    for proto, before_key in (("medium", "medium"), ("hard", "hard"), ("hard*", "hard")):
+        after = np.array([r[f"ap_{proto}_after"] for r in records])
+        diff = 100 * (after - np.array([r[f"ap_{before_key}_before"] for r in records]))
+        row = rows[1]
+        # per-query APs are rounded to 1e-6 in per_query.jsonl, mAP points to 1e-4 in the CSV
+        assert float(row[f"{proto}_delta"]) == pytest.approx(diff.mean(), abs=1e-3)
+        counts = [int(row[f"{proto}_{k}"]) for k in ("improved", "unchanged", "worsened")]
+        assert counts == [(diff > 1e-9).sum(), (np.abs(diff) <= 1e-9).sum(), (diff < -1e-9).sum()]
+        low, high = float(row[f"{proto}_ci_low"]), float(row[f"{proto}_ci_high"])
+        assert low <= float(row[f"{proto}_delta"]) <= high
+        assert set(compared[proto]) == fields
+        assert compared[proto]["delta"] == pytest.approx(float(row[f"{proto}_delta"]), abs=1e-4)
+        summary = Comparison(**compared[proto]).summary()
+        assert any(line.endswith(summary) for line in printed.splitlines()), summary
+    assert "vs global, per-query AP: mean difference [95 % paired bootstrap CI" in printed
+    assert meta["ranking"] in printed.splitlines()[0]
+    assert "exact global similarity" in meta["ranking"]
     # The official, shortlist-only evaluation: labelled as such; equal here (full shortlist).
     assert cli.main([*argv, "--eval-shortlist-only"]) == 0
-    assert "over the shortlist of 10" in capsys.readouterr().out
+    assert "over the shortlist of 10 (the official rule" in capsys.readouterr().out
     again = list(csv.DictReader((out / "results.csv").read_text().splitlines()))
     assert again[0]["medium_map"] == rows[0]["medium_map"]
+
+
+# The first stage of the releases below: 4 images (positives of both queries and distractor 7),
+# so each query has positives the completed ranking must place.
+RANKED = [2, 5, 0, 7, 1, 3, 4, 6, 8, 9]
+
+
+def test_moving_the_distractors_to_the_front_of_the_files_changes_no_printed_number(
+    tmp_path, capsys
+):
+    """Appending the images the shortlist missed in file order would put the distractors ahead
+    of the missing positives once they lead the files; the full ranking ranks them by global
+    similarity, so the table and the fusion grid are the same either way."""
+    ckpt = _release_checkpoint(tmp_path)
+    tables, grids = [], []
+    for front in (0, 3):
+        release, out = tmp_path / f"release{front}", tmp_path / f"out{front}"
+        _official_release(release, np.random.default_rng(1), ranked=RANKED, depth=4, front=front)
+        fusion = ("--sliding", "none", "--window", "6", "--alpha", "0", "--temp", "0.7")
+        assert cli.main(_official_argv(release, out, ckpt, *fusion, "--save-logits")) == 0
+        printed = capsys.readouterr().out
+        tables.append(printed.split("\nartifacts in")[0])
+        argv = ["bench", "fusion-grid", "--cache", str(out), "--alphas", "0,1", "--temps", "0.7"]
+        assert cli.main(argv) == 0
+        grids.append(capsys.readouterr().out.split("\nwritten:")[0])
+        # The grid replays the benchmark's single-window row with its full-database ranking.
+        row = list(csv.DictReader((out / "results.csv").read_text().splitlines()))[1]
+        grid_csv = (out / "fusion_grid" / "grid.csv").read_text()
+        cell = list(csv.DictReader(grid_csv.splitlines()))[0]
+        assert (cell["alpha"], cell["temp"]) == ("0.0", "0.7")
+        for proto in ("medium", "hard"):
+            assert float(cell[proto]) == pytest.approx(float(row[f"{proto}_map"]), abs=1e-3)
+    assert "full database (10 images), ranked past the shortlist by exact global" in tables[0]
+    assert tables[0] == tables[1]
+    assert grids[0] == grids[1]
+
+
+def test_a_release_regenerated_in_the_same_folder_is_read_again(tmp_path, capsys):
+    """Cache keys name the content of the release's files, not their folder: regenerating the
+    release in place with other data reruns the first stage and the re-ranking."""
+    ckpt = _release_checkpoint(tmp_path)
+    release, out = tmp_path / "release", tmp_path / "out"
+    _official_release(release, np.random.default_rng(1))
+    assert cli.main(_official_argv(release, out, ckpt)) == 0
+    first = (out / "table.txt").read_text()
+    shutil.rmtree(release)
+    _official_release(release, np.random.default_rng(2), ranked=RANKED)
+    assert cli.main(_official_argv(release, out, ckpt)) == 0
+    again = (out / "table.txt").read_text()
+    assert np.load(out / "shortlist_ids.npy")[0].tolist() == RANKED
+    assert len(list((out / "rerank").glob("*.npz"))) == 4  # the old runs and new ones
+    fresh = tmp_path / "fresh"
+    assert cli.main(_official_argv(release, fresh, ckpt)) == 0
+    capsys.readouterr()
+    assert again == (fresh / "table.txt").read_text()
+    assert again != first
 
 
 def test_missing_files_are_named(tmp_path):

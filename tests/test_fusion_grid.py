@@ -14,7 +14,7 @@ from locore import cli
 from locore.benchmarks import fusion_grid
 from locore.benchmarks.fusion_grid import FusionCache, grid_search
 from locore.core.errors import UserError
-from locore.engine.evaluate import to_imlist_ranks
+from locore.engine.evaluate import shortlist_ranks
 from locore.engine.metrics import evaluate_revisited
 from locore.indexing.shortlist import Shortlist
 from locore.rerank.chain import build_chain, stage_input
@@ -97,7 +97,8 @@ def test_a_grid_cell_is_the_single_window_pipeline(cell):
     single = LocoreReranker(model, LocoreOptions(sliding=None, alpha=alpha, temp=temp, **common))
     out, _ = build_chain([single]).run(queries, shortlist, database)
     np.testing.assert_array_equal(fusion_grid.fused_ids(cache, alpha, temp), out.ids)
-    direct = evaluate_revisited(to_imlist_ranks(out.ids, np.arange(40), 40), gnd)
+    # every positive is in the shortlist: its full ranking scores as the shortlist alone
+    direct = evaluate_revisited(shortlist_ranks(out.ids, np.arange(40)), gnd, shortlist_only=True)
     result = grid_search(cache, alphas=(0.0, alpha, 1.0), temps=(temp, 0.9))
     assert result.at(alpha, temp) == {
         "medium": direct["medium"]["map"],
@@ -131,12 +132,52 @@ def test_cli_writes_csv_json_and_heatmap(tmp_path, capsys):
     assert best["dataset"] == "gldv2-test"
     assert (out / "heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert fusion_grid.read_best(out / "best.json") == (0.0, 0.1)
+    # The best cell against the default (0.5, 0.1), query by query: mean APs are the two cells'.
+    result = grid_search(cache)
+    default = result.at(*fusion_grid.DEFAULT_FUSION)
+    assert best["comparison"]["vs"] == {"alpha": 0.5, "temp": 0.1}
+    compared = list(csv.DictReader((out / "comparison.csv").read_text().splitlines()))
+    assert [r["metric"] for r in compared] == ["public", "private", "combined"]
+    for row in compared:
+        metric = row["metric"]
+        assert float(row["default_map"]) == pytest.approx(default[metric], abs=1e-5)
+        assert float(row["best_map"]) == pytest.approx(100.0, abs=1e-5)
+        assert float(row["delta"]) == pytest.approx(100.0 - default[metric], abs=1e-5)
+        assert best["comparison"][metric]["delta"] == pytest.approx(float(row["delta"]), abs=1e-5)
+    # 2 public queries, 1 private: every one improved by the best cell
+    assert [int(r["improved"]) for r in compared] == [2, 1, 3]
+    assert "best - default (alpha=0.5 temp=0.1)" in printed
     # A custom grid, and a cache of another dataset.
     args = _parse("--cache", str(run), "--alphas", "0.5,1", "--temps", "0,1", "--out", str(out))
     fusion_grid.run(args)
     assert len((out / "grid.csv").read_text().splitlines()) == 5
     with pytest.raises(UserError, match="holds gldv2-test logits, not roxford5k"):
         fusion_grid.run(_parse("--cache", str(run), "--dataset", "roxford5k"))
+
+
+def test_the_cache_keeps_the_labelled_images_past_the_list_where_the_full_ranking_puts_them(
+    tmp_path,
+):
+    # Query 0's list holds easy 3 and a distractor; hard 4 and junk 5 are ranked 7th and 3rd
+    # by the full ranking, distractors fill the rest.
+    full = np.array([[3, 9, 5, 8, 7, 6, 4, 0, 1, 2]]).T
+    gnd = [{"easy": [3], "hard": [4], "junk": [5]}]
+    rest_ids, rest_pos = fusion_grid.labelled_rest(full, np.array([2]), gnd)
+    assert (rest_ids.tolist(), rest_pos.tolist()) == ([[5, 4]], [[2, 6]])
+    cache = FusionCache(
+        full[:2].T, [[0.9, 0.8]], [[1.0, 2.0]], [2], gnd, num_db=10, rest_ids=rest_ids,
+        rest_pos=rest_pos,
+    )  # fmt: skip
+    cache.save(tmp_path / "c.npz")
+    again = FusionCache.load(tmp_path / "c.npz")
+    np.testing.assert_array_equal(again.rest_pos, rest_pos)
+    # The grid scores the full ranking. Hard: hard 4 at position 6 with junk 3 and 5 (easy
+    # counts as junk) above it -> position 4, AP = (0 / 4 + 1 / 5) / 2 = 10 %.
+    result = grid_search(again, alphas=(1.0,), temps=(0.5,))
+    assert result.at(1.0, 0.5)["hard"] == pytest.approx(10.0, rel=1e-12)
+    direct = evaluate_revisited(full, gnd)
+    assert result.at(1.0, 0.5)["hard"] == pytest.approx(direct["hard"]["map"], rel=1e-12)
+    assert "full database (10 images)" in result.ranking
 
 
 def test_a_cache_without_logits_is_a_one_line_user_error(tmp_path):
