@@ -7,9 +7,11 @@ STAMP   := $(VENV)/.installed
 # torchvision, and PyPI's torchvision imports only beside torch 2.14.1 (not the 2.13.0 CPU
 # build), so the pinned pair is installed together (both come from this machine's local disk).
 TORCH   ?= torch==2.14.1 torchvision==0.29.1
+# setup.cfg accepts transformers 4.40-5.x (a GPU image ships 5.x); tests and CI run on this one.
+TRANSFORMERS ?= transformers==4.57.6
 DEMO_OUT ?= demo_out
 
-.PHONY: install demo test lint format clean
+.PHONY: install demo test lint format clean chromium
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -17,7 +19,7 @@ $(BIN)/python:
 $(STAMP): setup.cfg pyproject.toml | $(BIN)/python
 	@# Never reinstall a working torch: only install the pin when torch does not import.
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e ".[dev,ray]" "$(TRANSFORMERS)"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -25,7 +27,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/locore demo --out $(DEMO_OUT)
 
-test: $(STAMP)
+# The browser test (tests/test_serve_browser.py) drives Debian's chromium: no browser download.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { apt-get update && apt-get install -y chromium; }
+
+test: $(STAMP) chromium
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports

@@ -564,7 +564,7 @@ def _open_read_only(path: Path) -> h5py.File:
     """Open read-only; when another process holds the writer's lock, open without locking, so a
     reader may watch a store being written (it sees committed rows only). No chunk cache: a
     prefix [:L] of an image is then read on its own instead of its whole chunk."""
-    for locking in (None, False):
+    for locking in (False, None):
         try:
             return h5py.File(path, "r", locking=locking, rdcc_nbytes=0)
         except OSError:

@@ -49,8 +49,9 @@ def write_store(path: Path, rows: np.ndarray, dtype: str = "float16", names=None
 
 
 def naive_gather(path: Path, ids: np.ndarray, L: int) -> np.ndarray:
-    """One h5py read per image: the reference for the vectorised reads."""
-    with h5py.File(path, "r") as f:
+    """One h5py read per image: the reference for the vectorised reads (opened as the store's
+    readers are, without HDF5's file lock: HDF5 reopens an open file only with the same flag)."""
+    with h5py.File(path, "r", locking=False) as f:
         ds = f["features"]
         out = np.zeros((*ids.shape, L, W), np.float32)
         for index in np.ndindex(ids.shape):
@@ -584,3 +585,23 @@ def test_convert_errors_and_cli(tmp_path):
     with LocalStore(tmp_path / "cli.h5") as store, LocalStore(src) as official:
         assert store.names == ["0", "1", "2"]
         np.testing.assert_array_equal(store.rows(np.arange(3)), official.rows(np.arange(3)))
+
+
+def test_an_open_reader_does_not_block_a_writer_in_another_process(tmp_path):
+    """A server keeps the store open for reading; `locore index` in another process must still
+    append to it, and the reader then sees the new committed rows."""
+    path = tmp_path / "s.h5"
+    with LocalStoreWriter(path, 4, D, "float32", capacity=8) as writer:
+        writer.append(["a"], np.zeros((1, 4, W), np.float32))
+    script = (
+        "import sys, numpy as np\n"
+        "from pathlib import Path\n"
+        "from locore.indexing.local_store import LocalStoreWriter\n"
+        f"with LocalStoreWriter(Path({str(path)!r}), 4, {D}, 'float32') as w:\n"
+        f"    w.append(['b'], np.ones((1, 4, {W}), np.float32))\n"
+    )
+    with LocalStore(path) as reader:
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-500:]
+    with LocalStore(path) as reader:
+        assert reader.names == ["a", "b"]
