@@ -157,9 +157,7 @@ def first_stage(
 
     def work() -> None:
         if source is not None:
-            shortlist = Shortlist.load(Path(source))
-            if cut is not None:
-                shortlist = shortlist.truncate(cut)
+            shortlist = Shortlist.load(Path(source), cut)
             if int(shortlist.ids.max()) >= num_db:
                 raise UserError(f"{source} holds ids beyond the {num_db}-image database")
             if eval_to_row is not None:

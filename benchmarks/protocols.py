@@ -95,8 +95,11 @@ class Evaluation(abc.ABC):
     setups: tuple[str, ...]
 
     def file_depth(self, settings: Settings) -> int | None:
-        """Columns kept of a shortlist file (``--shortlist-file``, ``nn_*.pkl``); None = all."""
-        return None
+        """Columns kept of a shortlist file (``--shortlist-file``, ``nn_*.pkl``): ``--depth``
+        (default 1,600). An official file may rank the whole database (~1M columns at +1M); the
+        reader stops at this depth, and images past it are ranked by exact global similarity
+        (:func:`~locore.engine.evaluate.complete_ranks`), so keeping more changes nothing."""
+        return settings.depth or DEFAULT_DEPTH
 
     def ranks(self, settings: Settings, data: Collection, ids: np.ndarray) -> np.ndarray:
         """``[n_ranked, Q]`` ground-truth-id ranking of database-row ids ``[Q, M]``."""
@@ -228,11 +231,6 @@ class Gldv2Evaluation(Evaluation):
     setups = RERANK_SETUPS[:1]  # no junk and no easy images: "hard" moves nothing out
     splits = ("public", "private", "combined")
     panel_columns = {"AP@100": "combined"}
-
-    def file_depth(self, settings: Settings) -> int | None:
-        """The release's ``nn_superglobal.pkl`` ranks the whole 762k-image index (~7 GB of ids)
-        but only 100 ranks are scored and ``--topk`` re-ranked: keep ``--depth`` (1600)."""
-        return settings.depth or DEFAULT_DEPTH
 
     def ranks(self, settings: Settings, data: Collection, ids: np.ndarray) -> np.ndarray:
         """Only the first 100 ranks count: a ranking that fills them is used as it is (ranking

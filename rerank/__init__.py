@@ -14,6 +14,7 @@ RERANKERS = Registry(
     "re-ranker",
     {
         "superglobal": "locore.rerank.superglobal:superglobal",
+        "spatial": "locore.rerank.spatial:spatial",
         "locore": "locore.rerank.locore.reranker:locore",
         # the paper's checkpoint (vislang/locore_dinov2_base) is the factory's default
         "locore_base": "locore.rerank.locore.reranker:locore",

@@ -21,6 +21,21 @@ LoCoRe, CVNet, RRT and DELG move junk out of the shortlist first (reference-spec
 ``junk="partition"``): the top ``M`` are then the first ``M`` non-junk images and junk never
 enters the refinement. The move itself is the chain's (``rerank.chain.stage_input``); the junk
 mode only says whether this stage asks for it.
+
+Small collections (issue #15): the published ``K = 9`` neighbours and ``K + 1 = 10`` pooled items
+assume at least ten relevant images among the top ``M = 400``, as on ROxf/RPar (4,993 / 6,322
+images, dozens of positives per query). On a collection smaller than ``M`` the whole collection
+is the shortlist and a query may have only a handful of positives (five in the demo and held-out
+collections): most of the ten refined items max-pooled into ``q̃`` are then negatives, and since
+the elementwise max of non-negative GeM descriptors (EfficientNet-Lite0's, not whitened) keeps
+every negative's strongest channels, ``q̃`` drifts toward them. Issue #15 measured -10.1
+Medium mAP on a 58-image collection; ``locore bench offline`` (benchmarks/RESULTS.md) gives
++0.71 / +0.07 Medium on the demo / held-out collections with the published counts, +1.03 /
++2.62 with the scaled ones (SuperGlobal + LoCoRe: -0.02 / -1.83, then +1.03 / +1.58). So by
+default (``k=None``, ``qe_k=None``) both counts keep their published share of ``M``: on a
+database of ``N < M`` images ``K = max(1, round(9·N/M))`` and the pooled count is
+``max(1, round(10·N/M))``; from ``N >= M`` on they are the published 9 and 10. An explicit ``k``
+keeps the published ``qe_k = k + 1``.
 """
 
 from __future__ import annotations
@@ -46,6 +61,7 @@ logger = logging.getLogger(__name__)
 
 JUNK_MODES = ("keep", "partition")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+PUBLISHED_K = 9  # neighbours per refined descriptor at M = 400 (the pooled count is K + 1)
 
 
 @dataclasses.dataclass
@@ -123,9 +139,11 @@ class SuperGlobalReranker(Reranker):
 
     Args:
         m: shortlist entries re-ranked (``M``).
-        k: neighbours averaged into each refined descriptor besides itself (``K``).
+        k: neighbours averaged into each refined descriptor besides itself (``K``); None = the
+            published 9, scaled down on a database smaller than ``m`` (module doc).
         beta: weight factor on neighbour similarities (``β``).
-        qe_k: refined items max-pooled into the refined query; None = ``k + 1`` (published).
+        qe_k: refined items max-pooled into the refined query; None = ``k + 1`` (published)
+            for an explicit ``k``, else 10 scaled down like ``K``.
         junk: ``"keep"`` (SuperGlobal's own evaluation) or ``"partition"`` (Revisited protocol as
             in LoCoRe: the chain moves junk out of the shortlist before this stage).
         device: ``"auto"``, ``"cpu"``, ``"cuda"``, ...
@@ -135,7 +153,7 @@ class SuperGlobalReranker(Reranker):
 
     Example:
         >>> import rerank
-        >>> stage = rerank.create("superglobal", m=400, k=9, beta=0.15)
+        >>> stage = rerank.create("superglobal", m=400, k=9, beta=0.15)  # published, any size
     """
 
     name = "superglobal"
@@ -143,7 +161,7 @@ class SuperGlobalReranker(Reranker):
     def __init__(
         self,
         m: int = 400,
-        k: int = 9,
+        k: int | None = None,
         beta: float = 0.15,
         qe_k: int | None = None,
         junk: str = "keep",
@@ -155,7 +173,7 @@ class SuperGlobalReranker(Reranker):
             raise UserError(f"unknown superglobal junk mode {junk!r}; choose one of {JUNK_MODES}")
         if dtype not in DTYPES:
             raise UserError(f"unknown superglobal dtype {dtype!r}; choose one of {list(DTYPES)}")
-        if m < 1 or k < 0 or batch_size < 1 or (qe_k is not None and qe_k < 1):
+        if m < 1 or (k is not None and k < 0) or batch_size < 1 or (qe_k is not None and qe_k < 1):
             raise UserError(
                 f"superglobal needs m >= 1, k >= 0, qe_k >= 1, batch_size >= 1; "
                 f"got m={m}, k={k}, qe_k={qe_k}, batch_size={batch_size}"
@@ -166,6 +184,16 @@ class SuperGlobalReranker(Reranker):
         self.dtype = DTYPES[dtype]
         self.batch_size = batch_size
 
+    def neighbours(self, num_db: int) -> tuple[int, int]:
+        """``(K, pooled count)`` used on a database of ``num_db`` images (module doc)."""
+        scale = min(1.0, num_db / self.m)
+        k = self.k if self.k is not None else max(1, round(PUBLISHED_K * scale))
+        if self.qe_k is not None:
+            return k, self.qe_k
+        if self.k is not None:
+            return k, k + 1
+        return k, max(1, round((PUBLISHED_K + 1) * scale))
+
     @torch.inference_mode()
     def rerank(self, queries: Queries, shortlist: Shortlist, database: Database) -> RerankResult:
         """Re-sort each query's top ``m`` by the SuperGlobal score; later entries keep their order.
@@ -174,12 +202,13 @@ class SuperGlobalReranker(Reranker):
         others. With ``junk="partition"``, junk ids (already at the end) are neither refined nor
         neighbours even when they reach into the top ``m``.
         """
+        k, qe_k = self.neighbours(len(database))
         logger.debug(
-            "superglobal: m=%d k=%d beta=%g qe_k=%s junk=%s on %s/%s",
+            "superglobal: m=%d k=%d beta=%g qe_k=%d junk=%s on %s/%s",
             self.m,
-            self.k,
+            k,
             self.beta,
-            self.qe_k,
+            qe_k,
             self.junk,
             self.device,
             self.dtype,
@@ -210,9 +239,9 @@ class SuperGlobalReranker(Reranker):
                 self._tensor(queries.global_desc[lo:hi]),
                 self._tensor(gather_rows(database.global_desc, block[lo:hi])),
                 mask,
-                k=self.k,
+                k=k,
                 beta=self.beta,
-                qe_k=self.qe_k,
+                qe_k=qe_k,
             )
             final = out.final.double().cpu().numpy()
             order[lo:hi] = rank_desc(final)

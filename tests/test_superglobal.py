@@ -248,3 +248,30 @@ def test_gpu_matches_cpu_in_float64(golden, device):
         torch.from_numpy(g["Q"]).to(device), torch.from_numpy(g["X"][top]).to(device)
     )
     np.testing.assert_allclose(gpu.final.cpu().numpy(), cpu.final.numpy(), rtol=0, atol=1e-12)
+
+
+def test_neighbour_counts_shrink_with_small_databases_only():
+    """Published K = 9 / 10 pooled from N >= M on; below, their share of M (module doc)."""
+    stage = SuperGlobalReranker(m=400, device="cpu")
+    assert stage.neighbours(4993) == stage.neighbours(400) == (9, 10)
+    assert stage.neighbours(98) == (2, 2)  # 9 * 0.245 = 2.2, 10 * 0.245 = 2.45
+    assert stage.neighbours(58) == (1, 1)  # the issue's 58-image collection
+    assert stage.neighbours(3) == (1, 1)
+    assert SuperGlobalReranker(m=400, k=3, device="cpu").neighbours(58) == (3, 4)  # k + 1
+    assert SuperGlobalReranker(m=400, qe_k=5, device="cpu").neighbours(58) == (1, 5)
+
+
+def test_small_database_reranks_with_the_scaled_counts():
+    """On 66 images with M = 400 the default stage is exactly K = 1, 2 pooled, and differs from
+    the published K = 9 on these clustered descriptors."""
+    queries, db, ids = clustered(num_db=66, num_q=6, seed=3)
+    shortlist = shortlist_of(queries, db, ids)
+
+    def run(**options):
+        stage = SuperGlobalReranker(dtype="float64", device="cpu", **options)
+        return stage.rerank(Queries(queries), shortlist, Database(db))
+
+    default = run()
+    np.testing.assert_array_equal(default.ids, run(k=1, qe_k=2).ids)
+    np.testing.assert_array_equal(default.scores, run(k=1, qe_k=2).scores)
+    assert not np.array_equal(default.ids, run(k=9).ids)

@@ -170,12 +170,12 @@ def measure_gather(
     timings: dict[str, list[float]] = {}
 
     def naive(ids: np.ndarray) -> None:
-        with h5py.File(path, "r", rdcc_nbytes=0) as f:
+        with h5py.File(path, "r", locking=False, rdcc_nbytes=0) as f:
             ds = f["features"]
             np.stack([ds[int(i), :num_local] for i in ids]).astype(np.float32)
 
     def fancy(ids: np.ndarray) -> None:
-        with h5py.File(path, "r", rdcc_nbytes=0) as f:
+        with h5py.File(path, "r", locking=False, rdcc_nbytes=0) as f:
             f["features"][np.sort(ids), :num_local].astype(np.float32)
 
     every = {
