@@ -10,7 +10,8 @@ An index directory holds everything a search needs:
     .lock         held by the one ``build_index`` allowed to write the folder at a time
 
 The index mirrors its folder: ``build_index`` on an existing index compares every file's
-fingerprint with the one it was extracted from, extracts new and changed files, removes deleted
+fingerprint with the one it was extracted from (files whose size and mtime are unchanged are not
+read again), extracts new and changed files, removes deleted
 ones and refills the global index (without training again when the kind and options are
 unchanged). Removing images compacts the store (``locore.engine.extract.prune``): the kept images
 keep their order, so ids shift down over the removed ones, and changed or new images are
@@ -198,12 +199,24 @@ def read_manifest(out: Path) -> dict[str, Fingerprint]:
         raise UserError(f"{path} is damaged; delete it to extract every image again") from None
 
 
-def _fingerprints(files: dict[str, Path]) -> dict[str, Fingerprint | None]:
-    """Fingerprints of readable files; None for the others (extraction will report them)."""
+def _fingerprints(
+    files: dict[str, Path], known: dict[str, Fingerprint]
+) -> dict[str, Fingerprint | None]:
+    """Fingerprints of readable files; None for the others (extraction will report them).
+
+    A file whose size and mtime equal its recorded fingerprint is trusted without being read (as
+    make and rsync do), so re-indexing a large folder reads only new and touched files; any
+    other file is hashed, which recognises a moved or copied folder by content.
+    """
     out: dict[str, Fingerprint | None] = {}
     for name, path in files.items():
         try:
-            out[name] = fingerprint(path)
+            stat = path.stat()
+            old = known.get(name)
+            if old is not None and (old.size, old.mtime_ns) == (stat.st_size, stat.st_mtime_ns):
+                out[name] = old
+            else:
+                out[name] = fingerprint(path)
         except OSError:
             out[name] = None
     return out
@@ -229,8 +242,8 @@ def build_index(images: Path, out: Path, config: PipelineConfig) -> IndexSummary
         recover(out)
         global_index.recover(out / INDEX_SUBDIR)
         _check_resumable(out, config)
-        prints = _fingerprints(files)
         known = read_manifest(out)
+        prints = _fingerprints(files, known)
         before = _stored_names(out)
         same = {
             n for n in before if prints.get(n) is not None and prints[n].same_content(known.get(n))

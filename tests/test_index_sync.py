@@ -26,7 +26,14 @@ from locore.core import config as cfg
 from locore.core.errors import UserError
 from locore.core.layout import GLOBAL_FILE, LOCAL_FILE
 from locore.engine.config import PipelineConfig
-from locore.engine.pipeline import SyncReport, build_extractor, build_index, open_index, search
+from locore.engine.pipeline import (
+    SyncReport,
+    _fingerprints,
+    build_extractor,
+    build_index,
+    open_index,
+    search,
+)
 from locore.indexing.local_store import LocalStore
 from locore.indexing.shortlist import read_raw_globals
 
@@ -295,3 +302,21 @@ def test_interrupted_runs_are_finished_and_their_leftovers_removed(built, tmp_pa
         np.testing.assert_array_equal(rows, original[name][1])
     names = [n for n, _ in ranking(out, images / "rocket_0.png")]
     assert names[0] == "rocket_0.png" and "rocket_1.png" not in names
+
+
+def test_unchanged_size_and_mtime_are_trusted_others_are_hashed(tmp_path):
+    """Re-indexing reads only touched files: same size and mtime reuse the recorded
+    fingerprint (as make/rsync do); a new mtime makes the file be hashed again, so a copied
+    folder is still recognised by content and an edited file by its new hash."""
+    path = tmp_path / "a.jpg"
+    path.write_bytes(b"first")
+    known = _fingerprints({"a.jpg": path}, {})
+    stat = path.stat()
+    path.write_bytes(b"other")  # same size; restore the mtime: trusted, not read
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert _fingerprints({"a.jpg": path}, known)["a.jpg"] == known["a.jpg"]
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # touched: hashed again
+    again = _fingerprints({"a.jpg": path}, known)["a.jpg"]
+    assert not again.same_content(known["a.jpg"])
+    path.write_bytes(b"first")  # content back, mtime new: same content by hash
+    assert _fingerprints({"a.jpg": path}, known)["a.jpg"].same_content(known["a.jpg"])
