@@ -91,6 +91,33 @@ def _workers(options: RayOptions, gpus: int) -> int:
     return max(1, int(ray.cluster_resources().get("GPU", 0))) if gpus else 1
 
 
+def _on_actors(
+    rows: list[dict],
+    blocks: int,
+    actor: type,
+    kwargs: dict,
+    batch_size: int,
+    options: RayOptions,
+    gpus: int,
+) -> list[dict]:
+    """``rows`` through a pool of ``actor(**kwargs, threads=...)`` in batches of ``batch_size``;
+    a dead actor is restarted and its batch run again."""
+    return (
+        ray.data.from_items(rows, override_num_blocks=blocks)
+        .map_batches(
+            actor,
+            fn_constructor_kwargs={**kwargs, "threads": int(options.cpus_per_worker)},
+            batch_size=batch_size,
+            concurrency=_workers(options, gpus),
+            num_cpus=options.cpus_per_worker,
+            num_gpus=gpus,
+            max_restarts=-1,
+            max_task_retries=-1,
+        )
+        .take_all()
+    )
+
+
 # ----------------------------------------------------------------------------------------------
 # Extraction
 # ----------------------------------------------------------------------------------------------
@@ -159,25 +186,8 @@ def extract_on_ray(
             }
             for k in todo
         ]
-        stats = (
-            ray.data.from_items(rows, override_num_blocks=len(rows))
-            .map_batches(
-                _ExtractChunks,
-                fn_constructor_kwargs={
-                    "config": config,
-                    "root": str(root),
-                    "attrs": attrs or {},
-                    "threads": int(options.cpus_per_worker),
-                },
-                batch_size=1,
-                concurrency=_workers(options, gpus),
-                num_cpus=options.cpus_per_worker,
-                num_gpus=gpus,
-                max_restarts=-1,
-                max_task_retries=-1,
-            )
-            .take_all()
-        )
+        actor = {"config": config, "root": str(root), "attrs": attrs or {}}
+        stats = _on_actors(rows, len(rows), _ExtractChunks, actor, 1, options, gpus)
         done = sum(int(s["done"]) for s in stats)
     report = join_extractions([root / f"{k:06d}" for k in range(len(chunks))], out)
     skipped = [
@@ -240,24 +250,8 @@ def rerank_on_ray(
             row["junk"] = json.dumps(sorted(int(i) for i in queries.junk[q]))
         rows.append(row)
     blocks = max(1, -(-len(rows) // options.queries_per_task))
-    parts = (
-        ray.data.from_items(rows, override_num_blocks=blocks)
-        .map_batches(
-            _RerankBlocks,
-            fn_constructor_kwargs={
-                "index": str(index),
-                "stages": tuple(stages),
-                "threads": int(options.cpus_per_worker),
-            },
-            batch_size=options.queries_per_task,
-            concurrency=_workers(options, gpus),
-            num_cpus=options.cpus_per_worker,
-            num_gpus=gpus,
-            max_restarts=-1,
-            max_task_retries=-1,
-        )
-        .take_all()
-    )
+    actor = {"index": str(index), "stages": tuple(stages)}
+    parts = _on_actors(rows, blocks, _RerankBlocks, actor, options.queries_per_task, options, gpus)
     parts.sort(key=lambda r: int(r["row"]))
     return RerankResult(
         np.stack([p["ids"] for p in parts]),
