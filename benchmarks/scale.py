@@ -30,6 +30,8 @@ import threading
 import time
 from pathlib import Path
 
+import torch
+
 from locore.benchmarks.datasets.synthetic_release import (
     ReleaseSpec,
     generate,
@@ -37,6 +39,7 @@ from locore.benchmarks.datasets.synthetic_release import (
     release_bytes,
 )
 from locore.core.atomic import atomic_open, write_text
+from locore.rerank.locore import build_model
 
 SAMPLE_S = 0.2  # /proc sampling period
 STAGE_LINE = re.compile(r"stage (\S+): (running|reusing)")
@@ -243,10 +246,6 @@ def _micro_checkpoint(folder: Path, dim: int, num_local: int, seed: int) -> Path
     """A seeded 1-layer LoCoRe-micro for descriptors of size ``dim`` (written once)."""
     if (folder / "config.json").is_file():
         return folder
-    import torch
-
-    from locore.rerank.locore import build_model
-
     torch.manual_seed(seed)
     model = build_model("micro", num_layers=1, local_dim=dim, global_dim=dim, num_local=num_local)
     model.save_pretrained(folder)
