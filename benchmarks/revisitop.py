@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import logging
 import os
 from pathlib import Path
@@ -40,6 +41,7 @@ from locore.benchmarks.settings import (
 )
 from locore.core.errors import UserError
 from locore.engine.config import PipelineConfig, load_pipeline
+from locore.rerank.base import Database
 from locore.rerank.chain import build_chain
 
 logger = logging.getLogger(__name__)
@@ -132,6 +134,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--desc-name", default="dinov2", help="prefix of the official feature files")
     p.add_argument("--grids", type=int, default=3, help="queries drawn as ranked-result grids")
+    p.add_argument(
+        "--ray", action="store_true", help="re-rank on a Ray cluster (docs/DISTRIBUTED.md)"
+    )
+    p.add_argument("--address", default=None, help="with --ray: auto or ray://head:10001")
+    p.add_argument("--ray-workers", type=int, default=None, help="with --ray: actors")
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -172,7 +179,28 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         desc_name=args.desc_name,
         grids=args.grids,
         save_logits=args.save_logits,
+        ray=ray_settings(args),
     )
+
+
+def ray_settings(args: argparse.Namespace) -> dict | None:
+    """``--ray`` options as RayOptions fields; Ray options without ``--ray`` are refused."""
+    if not args.ray:
+        if args.address is not None or args.ray_workers is not None:
+            raise UserError("--address and --ray-workers need --ray")
+        return None
+    return {"address": args.address, "workers": args.ray_workers}
+
+
+def collection_database(settings: Settings, config: PipelineConfig) -> Database:
+    """The benchmark's database opened again (what a Ray actor re-ranks against); every stage is
+    cached by the time actors call it, so this only opens files."""
+    data = (
+        from_official(settings)
+        if settings.from_official is not None
+        else from_images(settings, config)
+    )
+    return data.database
 
 
 def run(args: argparse.Namespace) -> int:
@@ -196,7 +224,7 @@ def run_benchmark(settings: Settings, config: PipelineConfig) -> Report:
         else from_images(settings, config)
     )
     try:
-        runs = rerank_runs(settings, data)
+        runs = rerank_runs(settings, data, config)
         if settings.save_logits:
             cache_logits(settings, data, runs)
     finally:
@@ -222,10 +250,11 @@ def run_benchmark(settings: Settings, config: PipelineConfig) -> Report:
 
 
 def rerank_runs(
-    settings: Settings, data: Collection
+    settings: Settings, data: Collection, config: PipelineConfig
 ) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
     """Per re-rank setup of the benchmark (``hard`` and ``hard*``; GLDv2: ``hard`` only), every
-    stage's ``(ids, scores)``, cached as ``rerank/<tag>_<setup>.npz``."""
+    stage's ``(ids, scores)``, cached as ``rerank/<tag>_<setup>.npz``. With ``settings.ray`` the
+    chain runs on Ray actors, each opening the collection's database once."""
     stages = settings.stages()
     if not stages:
         return {}
@@ -243,9 +272,20 @@ def rerank_runs(
 
         def work(path: Path = path, junk: list[set[int]] = junk) -> None:
             nonlocal chain
-            chain = chain or build_chain(stages)
             queries = dataclasses.replace(data.queries, junk=junk)
-            _, results = chain.run(queries, data.shortlist, data.database)
+            if settings.ray is not None:
+                try:  # Ray is an optional extra, imported only with --ray
+                    from locore import distributed
+                except ModuleNotFoundError as err:
+                    raise UserError(f"--ray needs {err.name}: pip install 'locore[ray]'") from None
+                opener = functools.partial(collection_database, settings, config)
+                options = distributed.RayOptions(**settings.ray)
+                _, results = distributed.rerank_on_ray(
+                    opener, stages, queries, data.shortlist, options
+                )
+            else:
+                chain = chain or build_chain(stages)
+                _, results = chain.run(queries, data.shortlist, data.database)
             arrays = {}
             for i, r in enumerate(results):
                 arrays[f"ids{i}"], arrays[f"scores{i}"] = r.ids, r.scores

@@ -46,6 +46,7 @@ class Settings:
     desc_name: str = "dinov2"  # prefix of the official feature files
     grids: int = 3  # queries drawn as ranked-result grids
     save_logits: bool = False  # cache one LoCoRe window's logits for the fusion grid
+    ray: dict | None = None  # re-rank on Ray (RayOptions fields: address, workers); None: here
 
     def __post_init__(self) -> None:
         if self.with_1m and self.metric == "gldv2":

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import inspect
 import json
 import logging
@@ -477,9 +478,9 @@ def run_rerank(args: argparse.Namespace) -> int:
         with watch("re-rank"):
             if ray_job:
                 distributed, options = ray_job
-                stages = config.search.rerank
-                result = distributed.rerank_on_ray(
-                    handle.directory, stages, queries, shortlist, options
+                opener = functools.partial(distributed.index_database, handle.directory)
+                result, _ = distributed.rerank_on_ray(
+                    opener, config.search.rerank, queries, shortlist, options
                 )
             else:
                 result = rerank_chain(config.search.rerank, queries, shortlist, handle.database)

@@ -10,8 +10,9 @@ end the shards are joined in chunk order (:func:`locore.engine.join.join_extract
 makes ``OUT`` an ordinary extraction folder.
 
 Re-ranking. Queries travel in blocks of ``RayOptions.queries_per_task`` with their shortlists;
-each actor opens the index once and runs the configured chain
-(:func:`locore.engine.pipeline.rerank_chain`) on its blocks; results are put back in query order.
+each actor opens the database once (an index folder, or a benchmark's collection) and runs the
+chain (:meth:`locore.rerank.chain.Chain.run`) on its blocks; results are put back in query
+order.
 
 Both jobs use actors with ``max_restarts=-1`` and ``max_task_retries=-1``: a killed actor is
 restarted and its unfinished block is run again.
@@ -22,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -35,10 +36,11 @@ from locore.core.layout import LOCAL_FILE
 from locore.engine.config import ExtractorConfig, StageConfig
 from locore.engine.extract import SKIPPED_FILE, ExtractReport, Item, extract
 from locore.engine.join import join_extractions
-from locore.engine.pipeline import build_extractor, open_index, rerank_chain
+from locore.engine.pipeline import build_extractor, open_index
 from locore.indexing.local_store import LocalStore
 from locore.indexing.shortlist import Shortlist
-from locore.rerank.base import Queries, RerankResult
+from locore.rerank.base import Database, Queries, RerankResult
+from locore.rerank.chain import build_chain
 
 logger = logging.getLogger(__name__)
 
@@ -201,13 +203,24 @@ def extract_on_ray(
 # ----------------------------------------------------------------------------------------------
 # Re-ranking
 # ----------------------------------------------------------------------------------------------
-class _RerankBlocks:
-    """Ray Data actor: opens the index once, runs the configured chain on blocks of queries."""
+def index_database(index: Path) -> Database:
+    """The database of an index folder: the opener ``locore rerank --ray`` gives its actors."""
+    return open_index(Path(index)).database
 
-    def __init__(self, index: str, stages: Sequence[StageConfig], threads: int):
+
+class _RerankBlocks:
+    """Ray Data actor: opens the database once (``open_database()``, a picklable callable), builds
+    the chain once, and runs it on blocks of queries, returning every stage's result."""
+
+    def __init__(
+        self,
+        open_database: Callable[[], Database],
+        stages: Sequence[StageConfig | tuple],
+        threads: int,
+    ):
         torch.set_num_threads(max(1, threads))
-        self.handle = open_index(Path(index))
-        self.stages = stages
+        self.database = open_database()
+        self.chain = build_chain(stages)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         local = batch.get("local")
@@ -216,24 +229,27 @@ class _RerankBlocks:
             np.stack(batch["global"]), None if local is None else np.stack(local), junk
         )
         shortlist = Shortlist(np.stack(batch["ids"]), np.stack(batch["sims"]))
-        result = rerank_chain(self.stages, queries, shortlist, self.handle.database)
-        return {
-            "row": batch["row"],
-            "ids": result.ids,
-            "scores": result.scores,
-            "before": result.before,
-        }
+        _, results = self.chain.run(queries, shortlist, self.database)
+        out = {"row": batch["row"]}
+        for i, result in enumerate(results):
+            out[f"ids{i}"], out[f"scores{i}"] = result.ids, result.scores
+            out[f"before{i}"] = result.before
+        return out
 
 
 def rerank_on_ray(
-    index: Path,
-    stages: Sequence[StageConfig],
+    open_database: Callable[[], Database],
+    stages: Sequence[StageConfig | tuple],
     queries: Queries,
     shortlist: Shortlist,
     options: RayOptions = RayOptions(),
-) -> RerankResult:
-    """Re-rank ``shortlist`` ``[Q, M]`` of the index at ``index`` with the chain ``stages`` on Ray
-    actors; the result is in query order, as :func:`rerank_chain` in one process returns it."""
+) -> tuple[RerankResult, list[RerankResult]]:
+    """Run the chain ``stages`` on ``shortlist`` ``[Q, M]`` over Ray actors, each opening the
+    database with ``open_database`` (e.g. ``functools.partial(index_database, path)``).
+
+    Returns what :meth:`locore.rerank.chain.Chain.run` returns in one process: the final result
+    and every stage's own, in query order.
+    """
     connect(options.address)
     gpus = _gpus_per_worker("auto")
     rows = []
@@ -250,11 +266,16 @@ def rerank_on_ray(
             row["junk"] = json.dumps(sorted(int(i) for i in queries.junk[q]))
         rows.append(row)
     blocks = max(1, -(-len(rows) // options.queries_per_task))
-    actor = {"index": str(index), "stages": tuple(stages)}
+    actor = {"open_database": open_database, "stages": tuple(stages)}
     parts = _on_actors(rows, blocks, _RerankBlocks, actor, options.queries_per_task, options, gpus)
     parts.sort(key=lambda r: int(r["row"]))
-    return RerankResult(
-        np.stack([p["ids"] for p in parts]),
-        np.stack([p["scores"] for p in parts]),
-        np.stack([p["before"] for p in parts]),
-    )
+    results = [
+        RerankResult(
+            np.stack([p[f"ids{i}"] for p in parts]),
+            np.stack([p[f"scores{i}"] for p in parts]),
+            np.stack([p[f"before{i}"] for p in parts]),
+        )
+        for i in range(len(stages))
+    ]
+    last = results[-1]
+    return RerankResult(last.ids, last.scores, np.asarray(shortlist.ids)), results

@@ -10,6 +10,7 @@ name by name, and rankings by database name.
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import threading
@@ -20,11 +21,12 @@ import numpy as np
 import pytest
 import ray
 import torch
+from test_bench_revisitop import _official_argv, _official_release, _release_checkpoint
 
 from locore.benchmarks.datasets.demo import DemoSpec, generate
 from locore.cli import main
 from locore.core.layout import GLOBAL_FILE, LOCAL_FILE
-from locore.distributed import RayOptions, extract_on_ray, rerank_on_ray
+from locore.distributed import RayOptions, extract_on_ray, index_database, rerank_on_ray
 from locore.engine.config import load_pipeline
 from locore.engine.extract import Item, extract, shard_items
 from locore.engine.pipeline import (
@@ -171,7 +173,9 @@ def test_ray_reranking_equals_one_process(cluster, collection, tmp_path, one_thr
     finally:
         handle.close()
     options = RayOptions(workers=2, queries_per_task=1)
-    got = rerank_on_ray(tmp_path / "index", config.search.rerank, queries, shortlist, options)
+    opener = functools.partial(index_database, tmp_path / "index")
+    got, stages = rerank_on_ray(opener, config.search.rerank, queries, shortlist, options)
+    assert len(stages) == len(config.search.rerank)
     assert np.array_equal(got.ids, want.ids)
     assert np.array_equal(got.scores, want.scores)
     assert np.array_equal(got.before, want.before)
@@ -185,3 +189,25 @@ def test_cli_extract_on_ray(cluster, collection, reference, tmp_path, capsys):
     assert_same(by_name(tmp_path / "out"), reference)
     assert main([*args, "--address", "auto"]) == 2
     assert capsys.readouterr().err.strip().endswith("--address needs --ray")
+
+
+def test_bench_revisitop_on_ray_equals_one_process(cluster, tmp_path, capsys, one_thread):
+    """`bench revisitop --ray`: actors open the release's database themselves and run the chain
+    on blocks of queries; every stage's cached ranking and the report equal a run in one process
+    (both setups, Hard and Hard*, with junk moved by the chain)."""
+    release = tmp_path / "release"
+    _official_release(release, np.random.default_rng(1))
+    checkpoint = _release_checkpoint(tmp_path)
+    runs = {}
+    for name, extra in (("here", []), ("ray", ["--ray", "--ray-workers", "2"])):
+        out = tmp_path / name
+        assert main(_official_argv(release, out, checkpoint, "--superglobal", *extra)) == 0
+        runs[name] = out
+    capsys.readouterr()
+    for path in sorted((runs["here"] / "rerank").glob("*.npz")):
+        with np.load(path) as want, np.load(runs["ray"] / "rerank" / path.name) as got:
+            assert sorted(want.files) == sorted(got.files)
+            for key in want.files:
+                assert np.array_equal(want[key], got[key]), (path.name, key)
+    here = (runs["here"] / "results.csv").read_text()
+    assert here == (runs["ray"] / "results.csv").read_text()
