@@ -163,7 +163,10 @@ BENCH_TARGETS: dict[str, Command] = {
     "gpu": Command(
         f"{BENCH}.speed.gpu",
         "the GPU suite in one run: LoCoRe, training, extraction, sliding, search",
-        ("locore bench gpu --out runs/gpu", "locore bench gpu --smoke --device cpu --out /tmp/g"),
+        (
+            "locore bench gpu --out runs/gpu",
+            "locore bench gpu --smoke --device cpu --out runs/gpu_smoke",
+        ),
         config=None,
     ),
     "ray": Command(

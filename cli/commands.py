@@ -417,10 +417,7 @@ def run_search(args: argparse.Namespace) -> int:
             result = rerank_chain(config.search.rerank, queries, shortlist, handle.database)
         results = to_results(args.query, boxes, shortlist, result)
         records = result_records(results, handle.names)
-        for record in records:
-            print(format_table(record, config.search.show))
-        if out:
-            print(f"results -> {write_jsonl(records, out)}")
+        _print_records(records, out, config.search.show)
         if grid:
             with watch("grid"):
                 print(f"grid -> {grid_for_results(results, handle, grid, config.search.show)}")
@@ -428,6 +425,14 @@ def run_search(args: argparse.Namespace) -> int:
         handle.close()
     print(watch.line())
     return 0
+
+
+def _print_records(records: list[dict], out: Path | None, show: int) -> None:
+    """The top ``show`` of every query as a table, and the JSON Lines file when asked for."""
+    for record in records:
+        print(format_table(record, show))
+    if out:
+        print(f"results -> {write_jsonl(records, out)}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -485,10 +490,7 @@ def run_rerank(args: argparse.Namespace) -> int:
             else:
                 result = rerank_chain(config.search.rerank, queries, shortlist, handle.database)
         records = result_records(to_results(paths, None, shortlist, result), handle.names)
-        for record in records:
-            print(format_table(record, config.search.show))
-        if out:
-            print(f"results -> {write_jsonl(records, out)}")
+        _print_records(records, out, config.search.show)
     finally:
         handle.close()
     print(watch.line())

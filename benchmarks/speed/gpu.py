@@ -32,7 +32,7 @@ On a machine where the package is not installed (a copied checkout), make the re
 importable as ``locore`` (it *is* the package) and run the module, from the repository root:
 
     T=$(mktemp -d) && ln -s "$PWD" "$T/locore" && \
-        PYTHONPATH="$T" python3 -m locore.benchmarks.speed.gpu --out /tmp/gpu_bench
+        PYTHONPATH="$T" python3 -m locore.benchmarks.speed.gpu --out runs/gpu_bench
 
 ``--smoke`` runs every section at toy sizes in seconds (the CPU test runs it).
 """
