@@ -164,6 +164,8 @@ class LocalStoreWriter:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.durable = durable
+        if not self.path.exists():
+            self._create_whole(num_local, dim, dtype, attrs or {}, name_bytes, capacity)
         try:
             # No chunk cache: a batch then writes just its bytes (a names chunk holds 4096 names)
             self.file = h5py.File(self.path, "a", rdcc_nbytes=0)
@@ -189,6 +191,29 @@ class LocalStoreWriter:
         self._known = set(self.names)
         if capacity:
             self.reserve(capacity)
+
+    def _create_whole(
+        self,
+        num_local: int,
+        dim: int,
+        dtype: str,
+        attrs: dict,
+        name_bytes: int,
+        capacity: int | None,
+    ) -> None:
+        """Make a new store in a temporary file and rename it into place: a writer killed while
+        HDF5 writes the file's header would leave a file no later writer can open."""
+        tmp = self.path.with_name(f"{TMP_PREFIX}{self.path.name}")
+        with h5py.File(tmp, "w") as self.file:
+            self._create(num_local, dim, dtype, attrs, name_bytes, capacity)
+        if self.durable:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        os.replace(tmp, self.path)
+        fsync_dir(self.path.parent)
 
     def _create(
         self,

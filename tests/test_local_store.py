@@ -605,3 +605,15 @@ def test_an_open_reader_does_not_block_a_writer_in_another_process(tmp_path):
         assert done.returncode == 0, done.stderr[-500:]
     with LocalStore(path) as reader:
         assert reader.names == ["a", "b"]
+
+
+def test_a_store_is_created_whole_and_a_cut_creation_leaves_nothing_at_its_path(tmp_path):
+    """A new store is built in a temporary sibling and renamed: what a writer killed mid-creation
+    leaves (here, a truncated HDF5 header at the temporary name) never blocks the next writer."""
+    path = tmp_path / "s.h5"
+    (tmp_path / f".locore-tmp-{path.name}").write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 8)
+    with LocalStoreWriter(path, 4, D, "float32", capacity=2) as writer:
+        writer.append(["a"], np.zeros((1, 4, W), np.float32))
+    assert [p.name for p in tmp_path.iterdir()] == ["s.h5"]
+    with LocalStore(path) as reader:
+        assert reader.names == ["a"]
