@@ -8,6 +8,7 @@ search) and the AMES data release (``benchmarks.official_release``: features rea
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from locore.benchmarks.settings import (
     content_key,
 )
 from locore.core.errors import UserError
+from locore.engine.evaluate import GlobalOrder
 from locore.engine.extract import Item
 from locore.engine.metrics import rerank_junk
 from locore.indexing.shortlist import SUFFIXES, Shortlist
@@ -51,6 +53,17 @@ class Collection:
     shortlist: Shortlist  # the first stage, database rows [Q, depth]
     num_official: int  # size of the official id space (database rows + unreadable images)
     inputs: str  # key of what the features came from (file content, or extraction parameters)
+
+    @functools.cached_property
+    def global_order(self) -> GlobalOrder:
+        """Each query's exact global ranking of the whole official id space, built on first use
+        and shared by every chain and setup evaluated on this collection."""
+        return GlobalOrder(
+            self.queries.global_desc,
+            self.database.global_desc,
+            self.row_to_eval,
+            self.num_official,
+        )
 
     @property
     def eval_to_row(self) -> np.ndarray:

@@ -43,13 +43,15 @@ from locore.benchmarks.collection import Collection
 from locore.benchmarks.protocols import FULL_RULE, SHORTLIST_RULE, compare
 from locore.benchmarks.settings import Settings, array_digest, cached_stage
 from locore.core.errors import UserError
-from locore.engine.evaluate import CSV_COMPARISON, complete_ranks, shortlist_ranks
+from locore.engine.evaluate import CSV_COMPARISON, shortlist_ranks
 from locore.engine.metrics import (
     GLDV2_DEPTH,
     GLDV2_PUBLIC,
     Comparison,
+    Placements,
     evaluate_revisited,
     gldv2_map_at_100,
+    labelled,
 )
 from locore.indexing.shortlist import Shortlist
 from locore.rerank.base import LogitReranker
@@ -258,14 +260,8 @@ def cache_logits(settings: Settings, data: Collection, runs: dict, setup: str = 
         fields = METRICS_GND[settings.metric]
         rest_ids = rest_pos = None
         if settings.metric == "revisited" and not settings.eval_shortlist_only:
-            full = complete_ranks(
-                window.ids,
-                data.row_to_eval,
-                data.num_official,
-                data.queries.global_desc,
-                data.database.global_desc,
-            )
-            rest_ids, rest_pos = labelled_rest(full, (eval_ids >= 0).sum(axis=1), data.gnd["gnd"])
+            placed = data.global_order.place(window.ids, labelled(data.gnd["gnd"]))
+            rest_ids, rest_pos = labelled_rest(placed, (eval_ids >= 0).sum(axis=1))
         FusionCache(
             ids=eval_ids,
             sims=window.sims,
@@ -291,18 +287,11 @@ def cache_logits(settings: Settings, data: Collection, runs: dict, setup: str = 
     return path
 
 
-def labelled_rest(
-    full: np.ndarray, heads: np.ndarray, gnd: Sequence[dict]
-) -> tuple[np.ndarray, np.ndarray]:
-    """``(rest_ids, rest_pos)`` ``[Q, T]`` (-1 pads): per query, the easy / hard / junk ids of a
-    full ranking ``[n, Q]`` past its first ``heads[q]`` entries, and their positions (only
-    these move an AP; the grid does not keep the 1M-long rankings)."""
-    found = []
-    for q, g in enumerate(gnd):
-        labelled = [*g.get("easy", []), *g.get("hard", []), *g.get("junk", [])]
-        column = full[heads[q] :, q]
-        where = np.flatnonzero(np.isin(column, np.asarray(labelled, dtype=np.int64)))
-        found.append((column[where], where + heads[q]))
+def labelled_rest(placed: Placements, heads: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(rest_ids, rest_pos)`` ``[Q, T]`` (-1 pads): per query, the placed (easy / hard / junk)
+    ids of a full ranking past its first ``heads[q]`` entries, and their positions (only these
+    move an AP; the grid does not keep the 1M-long rankings)."""
+    found = [(ids[pos >= h], pos[pos >= h]) for ids, pos, h in zip(placed.ids, placed.pos, heads)]
     width = max((ids.size for ids, _ in found), default=0)
     rest_ids = np.full((len(found), width), -1, dtype=np.int64)
     rest_pos = np.full((len(found), width), -1, dtype=np.int64)

@@ -14,7 +14,7 @@ re-rank the same shortlists: one run (the ``hard`` key, which moves nothing here
 three numbers.
 
 Rankings (docs/REPRODUCE.md, "The +1M ranking rule"): the shortlist, then every other image by
-its exact global similarity (``complete_ranks``), so no number depends on where an image sits
+its exact global similarity (``GlobalOrder``), so no number depends on where an image sits
 in a file; or, with ``--eval-shortlist-only``, the shortlist alone as the official code does.
 Every re-ranked row is compared with the global one query by query (paired bootstrap).
 """
@@ -27,13 +27,15 @@ import numpy as np
 
 from locore.benchmarks.collection import Collection
 from locore.benchmarks.settings import DEFAULT_DEPTH, Settings
-from locore.engine.evaluate import CSV_COMPARISON, complete_ranks, shortlist_ranks
+from locore.engine.evaluate import CSV_COMPARISON, shortlist_ranks
 from locore.engine.metrics import (
     GLDV2_DEPTH,
     RERANK_SETUPS,
     Comparison,
+    Placements,
     evaluate_revisited,
     gldv2_map_at_100,
+    labelled,
     paired_bootstrap,
 )
 
@@ -48,13 +50,7 @@ def full_ranks(settings: Settings, data: Collection, ids: np.ndarray) -> np.ndar
     query; with ``eval_shortlist_only`` the shortlist alone (-1 pads a shorter row)."""
     if settings.eval_shortlist_only:
         return shortlist_ranks(ids, data.row_to_eval)
-    return complete_ranks(
-        ids,
-        data.row_to_eval,
-        data.num_official,
-        data.queries.global_desc,
-        data.database.global_desc,
-    )
+    return data.global_order.ranks(ids)
 
 
 def ranking_rule(settings: Settings, data: Collection) -> str:
@@ -98,12 +94,20 @@ class Evaluation(abc.ABC):
         """Columns kept of a shortlist file (``--shortlist-file``, ``nn_*.pkl``): ``--depth``
         (default 1,600). An official file may rank the whole database (~1M columns at +1M); the
         reader stops at this depth, and images past it are ranked by exact global similarity
-        (:func:`~locore.engine.evaluate.complete_ranks`), so keeping more changes nothing."""
+        (:class:`~locore.engine.evaluate.GlobalOrder`), so keeping more changes nothing."""
         return settings.depth or DEFAULT_DEPTH
 
     def ranks(self, settings: Settings, data: Collection, ids: np.ndarray) -> np.ndarray:
         """``[n_ranked, Q]`` ground-truth-id ranking of database-row ids ``[Q, M]``."""
         return full_ranks(settings, data, ids)
+
+    @abc.abstractmethod
+    def wanted(self, data: Collection) -> list[np.ndarray]:
+        """Per query, the ground-truth ids the metric looks at."""
+
+    def placed(self, settings: Settings, data: Collection, ids: np.ndarray) -> Placements:
+        """Where :meth:`wanted` sit in the ranking of database-row ids ``[Q, M]``."""
+        return Placements.of(self.ranks(settings, data, ids), self.wanted(data))
 
     @abc.abstractmethod
     def evaluate(self, settings: Settings, data: Collection, ids: np.ndarray) -> dict:
@@ -150,10 +154,21 @@ class RevisitedEvaluation(Evaluation):
     setups = RERANK_SETUPS
     panel_columns = {"Medium": "medium", "Hard": "hard", "Hard*": "hard*"}
 
+    def wanted(self, data: Collection) -> list[np.ndarray]:
+        return labelled(data.gnd["gnd"])
+
+    def placed(self, settings: Settings, data: Collection, ids: np.ndarray) -> Placements:
+        """A full-database ranking is never built: positions come from the shortlist and the
+        collection's :class:`~locore.engine.evaluate.GlobalOrder` (issue #16: 1M images)."""
+        if settings.eval_shortlist_only:
+            return super().placed(settings, data, ids)
+        return data.global_order.place(ids, self.wanted(data))
+
     def evaluate(self, settings: Settings, data: Collection, ids: np.ndarray) -> dict:
-        ranks = self.ranks(settings, data, ids)
         return evaluate_revisited(
-            ranks, data.gnd["gnd"], shortlist_only=settings.eval_shortlist_only
+            self.placed(settings, data, ids),
+            data.gnd["gnd"],
+            shortlist_only=settings.eval_shortlist_only,
         )
 
     def row(self, label: str, by_setup: dict[str, dict]) -> dict:
@@ -240,6 +255,9 @@ class Gldv2Evaluation(Evaluation):
         if ids.shape[1] >= depth and (ids[:, :depth] >= 0).all():
             return shortlist_ranks(ids, data.row_to_eval)
         return full_ranks(settings, data, ids)
+
+    def wanted(self, data: Collection) -> list[np.ndarray]:
+        return [np.asarray(g["ok"], dtype=np.int64) for g in data.gnd["gnd"]]
 
     def evaluate(self, settings: Settings, data: Collection, ids: np.ndarray) -> dict:
         """mAP@100; a shortlist-only ranking shorter than 100 is scored as it is (its depth is

@@ -106,16 +106,16 @@ def write_reports(
     shown = evaluation.setups[0]  # the run whose ranking the reports show
     final = stage_metrics[-1] if stage_metrics else dict.fromkeys(evaluation.setups, before)
     final_ids = runs[shown][-1][0] if runs else data.shortlist.ids
-    ranks_before = evaluation.ranks(settings, data, data.shortlist.ids)
-    ranks_after = evaluation.ranks(settings, data, final_ids)
+    placed_before = evaluation.placed(settings, data, data.shortlist.ids)
+    placed_after = evaluation.placed(settings, data, final_ids)
     with open(out / "per_query.jsonl", "w") as f:
         for q, name in enumerate(data.gnd["qimlist"]):
             answers = positives(data.gnd["gnd"][q])
             record = {
                 "query": name,
                 **evaluation.query_aps(data, q, before, final),
-                "positive_ranks_before": _positions(ranks_before[:, q], answers),
-                "positive_ranks_after": _positions(ranks_after[:, q], answers),
+                "positive_ranks_before": placed_before.of_query(q, answers).tolist(),
+                "positive_ranks_after": placed_after.of_query(q, answers).tolist(),
                 "top10_before": [data.db_names[i] for i in data.shortlist.ids[q][:10] if i >= 0],
                 "top10_after": [data.db_names[i] for i in final_ids[q][:10] if i >= 0],
             }
@@ -150,11 +150,6 @@ def _positives_in_shortlist(settings: Settings, data: Collection) -> dict[str, n
         for panel, answers in evaluation_of(settings).panel_positives(g).items():
             counts.setdefault(panel, []).append(np.isin(ids, answers).sum())
     return {k: np.asarray(v, dtype=float) for k, v in counts.items()}
-
-
-def _positions(column: np.ndarray, answers: np.ndarray) -> list[int]:
-    """0-based positions of the positives ``answers`` in one ranking column (ground-truth ids)."""
-    return [int(p) for p in np.flatnonzero(np.isin(column, answers))]
 
 
 def _grids(

@@ -26,7 +26,13 @@ import numpy as np
 
 from locore.core.atomic import write_text
 from locore.core.errors import UserError
-from locore.engine.metrics import PROTOCOLS, evaluate_revisited, paired_bootstrap
+from locore.engine.metrics import (
+    PROTOCOLS,
+    Placements,
+    evaluate_revisited,
+    labelled,
+    paired_bootstrap,
+)
 from locore.engine.pipeline import (
     IndexHandle,
     build_extractor,
@@ -221,7 +227,7 @@ def to_imlist_ranks(ids: np.ndarray, index_to_imlist: np.ndarray, num_db: int) -
     shortlist misses appended in ``imlist`` order.
 
     That order depends on where images sit in the ground truth's list (it puts every ROxf
-    image ahead of the +1M distractors): use :func:`complete_ranks` for reported numbers.
+    image ahead of the +1M distractors): use :class:`GlobalOrder` for reported numbers.
     """
     heads = shortlist_heads(ids, index_to_imlist)
     everything = np.arange(num_db)
@@ -231,41 +237,84 @@ def to_imlist_ranks(ids: np.ndarray, index_to_imlist: np.ndarray, num_db: int) -
     return ranks.T
 
 
-def complete_ranks(
-    ids: np.ndarray,
-    index_to_eval: np.ndarray,
-    num_eval: int,
-    query_global: np.ndarray,
-    db_global: np.ndarray,
-    block: int = 65_536,
-) -> np.ndarray:
-    """Full rankings ``[num_eval, Q]``: the shortlist, then every other image by its exact
-    global similarity to the query (inner product; ties by ground-truth id).
+class GlobalOrder:
+    """Every query's exact global ranking of the evaluated database, kept as positions.
 
-    The order depends on the descriptors only, never on where an image sits in the index or
-    the ground-truth list. Images without a descriptor (not indexed) come last.
+    ``rank[q, e]`` is where ground-truth image ``e`` sits when all ``num_eval`` images are sorted
+    by exact global similarity to query q (inner product; ties by ground-truth id; images
+    without a descriptor last): int32 ``[Q, num_eval]``, 280 MB for 70 queries x 1M images.
+    It is built once per query set (one blocked pass over the descriptors, one sort per query)
+    and serves every chain and setup: a full-database ranking is the chain's shortlist followed
+    by every other image in this order, so where an image lands in it follows from the
+    shortlist alone (:meth:`place`, O(shortlist) per query). Nothing here depends on where an
+    image sits in the index or the ground-truth list (issue #16: appending the rest in file
+    order put every ROxf image ahead of the +1M distractors).
 
     Args:
-        ids: ``[Q, M]`` index ids in their final order (-1 = none).
-        index_to_eval: ``[N]`` ground-truth id of each index id (-1 = not evaluated).
-        num_eval: ground-truth database size (``len(imlist)``, + distractors).
         query_global: ``[Q, D]`` float32 query descriptors.
         db_global: ``[N, D]`` database descriptors in index order (a memmap is read in blocks
-            of ``block`` rows, so memory stays at ``[Q, num_eval]`` similarities + ranks).
+            of ``block`` rows: memory is ``[Q, num_eval]`` similarities while building).
+        index_to_eval: ``[N]`` ground-truth id of each index id (-1 = not evaluated).
+        num_eval: ground-truth database size (``len(imlist)``, + distractors).
     """
-    heads = shortlist_heads(ids, index_to_eval)
-    index_to_eval = np.asarray(index_to_eval)
-    query_global = np.asarray(query_global, dtype=np.float32)
-    sims = np.full((heads.shape[0], num_eval), -np.inf, dtype=np.float32)
-    for start in range(0, db_global.shape[0], block):
-        part = np.asarray(db_global[start : start + block], dtype=np.float32)
-        dest = index_to_eval[start : start + block]
-        keep = dest >= 0
-        sims[:, dest[keep]] = query_global @ part[keep].T
-    ranks = np.empty((heads.shape[0], num_eval), dtype=np.int64)
-    for q, row in enumerate(heads):
-        ranks[q] = _head_then(row[row >= 0], _descending(sims[q]))
-    return ranks.T
+
+    def __init__(
+        self,
+        query_global: np.ndarray,
+        db_global: np.ndarray,
+        index_to_eval: np.ndarray,
+        num_eval: int,
+        block: int = 65_536,
+    ) -> None:
+        self.index_to_eval = np.asarray(index_to_eval)
+        query_global = np.asarray(query_global, dtype=np.float32)
+        sims = np.full((query_global.shape[0], num_eval), -np.inf, dtype=np.float32)
+        for start in range(0, db_global.shape[0], block):
+            part = np.asarray(db_global[start : start + block], dtype=np.float32)
+            dest = self.index_to_eval[start : start + block]
+            keep = dest >= 0
+            sims[:, dest[keep]] = query_global @ part[keep].T
+        self.rank = np.empty(sims.shape, dtype=np.int32 if num_eval < 2**31 else np.int64)
+        steps = np.arange(num_eval, dtype=self.rank.dtype)
+        for q in range(sims.shape[0]):
+            self.rank[q, _descending(sims[q])] = steps
+
+    @property
+    def num_eval(self) -> int:
+        return self.rank.shape[1]
+
+    def place(self, ids: np.ndarray, wanted: Sequence[np.ndarray]) -> Placements:
+        """Where ``wanted[q]`` (ground-truth ids) sit in query q's full-database ranking:
+        the shortlist ``ids`` ``[Q, M]`` (index ids in their final order, -1 = none), then every
+        other image in global order. An image past the shortlist is preceded by the whole
+        shortlist and by the images ahead of it in global order that the shortlist does not
+        hold: ``M_q + rank[q, e] - |{h in shortlist: rank[q, h] < rank[q, e]}|``."""
+        heads = shortlist_heads(ids, self.index_to_eval)
+        out_ids, out_pos = [], []
+        for q, row in enumerate(heads):
+            head = row[row >= 0]
+            want = np.unique(np.asarray(wanted[q], dtype=np.int64))
+            order = np.argsort(head, kind="stable")
+            at = np.minimum(np.searchsorted(head[order], want), max(head.size - 1, 0))
+            hit = head[order][at] == want if head.size else np.zeros(want.size, dtype=bool)
+            glob = self.rank[q, want].astype(np.int64)
+            ahead = np.searchsorted(np.sort(self.rank[q, head]), glob)
+            pos = np.where(hit, order[at] if head.size else 0, head.size + glob - ahead)
+            by_pos = np.argsort(pos, kind="stable")
+            out_ids.append(want[by_pos])
+            out_pos.append(pos[by_pos].astype(np.int64))
+        return Placements(out_ids, out_pos, self.num_eval)
+
+    def ranks(self, ids: np.ndarray) -> np.ndarray:
+        """The dense full rankings ``[num_eval, Q]`` (ground-truth ids) :meth:`place` reads
+        from: for callers that need the whole list (``num_eval`` x Q int64)."""
+        heads = shortlist_heads(ids, self.index_to_eval)
+        order = np.empty(self.num_eval, dtype=np.int64)
+        ranks = np.empty((heads.shape[0], self.num_eval), dtype=np.int64)
+        for q, row in enumerate(heads):
+            order[self.rank[q]] = np.arange(self.num_eval)
+            ranks[q] = _head_then(row[row >= 0], order)
+        return ranks.T
 
 
 def _descending(sims: np.ndarray) -> np.ndarray:
@@ -289,7 +338,7 @@ def evaluate_index(
     handle: IndexHandle, gnd_path: Path, queries_dir: Path, out: Path | None = None
 ) -> EvalReport:
     """Search every ground-truth query (cropped to its box), re-rank, and compute E/M/H mAP
-    over full-database rankings (:func:`complete_ranks`), with the paired bootstrap comparison
+    over full-database rankings (:class:`GlobalOrder`), with the paired bootstrap comparison
     of the re-ranked and global per-query APs."""
     gt = load_gnd(gnd_path)
     imlist = gt["imlist"]
@@ -300,11 +349,10 @@ def evaluate_index(
     queries = extract_queries(build_extractor(config.extractor), paths, boxes)
     shortlist = first_stage(handle, queries, config.search.topk)
 
+    order = GlobalOrder(queries.global_desc, handle.database.global_desc, to_eval, len(imlist))
+
     def evaluate(ids: np.ndarray) -> dict:
-        ranks = complete_ranks(
-            ids, to_eval, len(imlist), queries.global_desc, handle.database.global_desc
-        )
-        return evaluate_revisited(ranks, gt["gnd"])
+        return evaluate_revisited(order.place(ids, labelled(gt["gnd"])), gt["gnd"])
 
     before = evaluate(shortlist.ids)
     after = comparison = None

@@ -59,6 +59,54 @@ def _union(*fields) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 # Average precision from positions
 # ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Placements:
+    """Where a few database images sit in each query's ranking, without the ranking.
+
+    An AP reads only the positions of its query's labelled images, so a 1M-long ranking never
+    has to exist: :func:`locore.engine.evaluate.GlobalOrder.place` computes these positions
+    from the shortlist alone, and :meth:`of` reads them off a dense ranking.
+
+    Attributes:
+        ids: per query, ground-truth ids ``[T_q]`` (int64), in ranking order.
+        pos: per query, their 0-based positions ``[T_q]`` (int64, ascending).
+        length: the ranking's length (``n_ranked``), for reports and the missing-positive check.
+    """
+
+    ids: list[np.ndarray]
+    pos: list[np.ndarray]
+    length: int
+
+    @classmethod
+    def of(cls, ranks: np.ndarray, wanted: Sequence[np.ndarray]) -> Placements:
+        """Positions of ``wanted[q]`` in column q of a dense ranking ``[n_ranked, n_query]``
+        (ids it does not hold are left out; -1 padding is never wanted)."""
+        ranks = np.asarray(ranks)
+        if ranks.ndim != 2 or ranks.shape[1] != len(wanted):
+            raise UserError(
+                f"ranks has shape {ranks.shape} for {len(wanted)} queries; pass [n_ranked, n_query]"
+            )
+        ids, pos = [], []
+        for q, w in enumerate(wanted):
+            column = np.ascontiguousarray(ranks[:, q])
+            where = np.flatnonzero(np.isin(column, _ids(w)))
+            ids.append(column[where].astype(np.int64))
+            pos.append(where.astype(np.int64))
+        return cls(ids, pos, int(ranks.shape[0]))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def of_query(self, q: int, wanted) -> np.ndarray:
+        """Sorted positions of the ids ``wanted`` (a subset of those placed) for query q."""
+        return self.pos[q][np.isin(self.ids[q], _ids(wanted))]
+
+
+def labelled(gnd: Sequence[Mapping]) -> list[np.ndarray]:
+    """Per query, every id a Revisited protocol looks at (easy, hard and junk)."""
+    return [_union(g.get("easy"), g.get("hard"), g.get("junk")) for g in gnd]
+
+
 def compute_ap(positions: np.ndarray, num_positives: int) -> float:
     """Trapezoidal AP (the revisitop rule) from sorted 0-based, junk-adjusted positions.
 
@@ -219,7 +267,7 @@ def rerank_junk(gnd: Sequence[Mapping], setup: str = "hard") -> list[set[int]]:
 
 
 def evaluate_revisited(
-    ranks: np.ndarray,
+    ranks: np.ndarray | Placements,
     gnd: Sequence[Mapping],
     kappas: Sequence[int] = KAPPAS,
     *,
@@ -234,7 +282,9 @@ def evaluate_revisited(
     ranking length used is returned under ``"ranking"``.
 
     Args:
-        ranks: ``[n_ranked, n_query]`` database ids, column q for query q.
+        ranks: ``[n_ranked, n_query]`` database ids, column q for query q; or the
+            :class:`Placements` of each query's :func:`labelled` ids in such a ranking (what a
+            1M-image evaluation passes, :meth:`locore.engine.evaluate.GlobalOrder.place`).
         gnd: per query ``{"easy", "hard", "junk"}`` id lists (the ``gnd`` of a gnd pickle).
         kappas: the k of mP@k.
         shortlist_only: accept a truncated ranking (see above).
@@ -246,29 +296,23 @@ def evaluate_revisited(
         "n_queries_without_positives": int}, "ranking": {"length": n_ranked,
         "shortlist_only": bool}}``.
     """
-    ranks = np.asarray(ranks)
-    if ranks.ndim != 2 or ranks.shape[1] != len(gnd):
-        raise UserError(
-            f"ranks has shape {ranks.shape} for {len(gnd)} queries; pass [n_ranked, n_query]"
-        )
+    # One pass over each (possibly 1M-long) column finds every id any protocol cares about;
+    # the three protocols then work on those few positions only.
+    placed = ranks if isinstance(ranks, Placements) else Placements.of(ranks, labelled(gnd))
+    if len(placed) != len(gnd):
+        raise UserError(f"rankings of {len(placed)} queries for {len(gnd)} gnd entries")
     protocols = revisited_protocols(gnd)
-    n_query = ranks.shape[1]
+    n_query = len(gnd)
     aps = {name: np.full(n_query, np.nan) for name in PROTOCOLS}
     prs = {name: np.full((n_query, len(kappas)), np.nan) for name in PROTOCOLS}
     for q in range(n_query):
-        # One pass over the (possibly 1M-long) column finds every id any protocol cares about;
-        # the three protocols then work on those few positions only.
-        g = gnd[q]
-        column = np.ascontiguousarray(ranks[:, q])
-        labelled = _union(g.get("easy"), g.get("hard"), g.get("junk"))
-        where = np.flatnonzero(np.isin(column, labelled))
-        found = column[where]
+        where, found = placed.pos[q], placed.ids[q]
         missing = np.setdiff1d(protocols["medium"][q]["ok"], found)
         if missing.size and not shortlist_only:
             # a full-database evaluation needs every positive ranked (P19)
             raise UserError(
                 f"query {q}: {missing.size} positive(s) (e.g. id {missing[0]}) are not in its "
-                f"{ranks.shape[0]}-long ranking; append the rest of the global ranking, or pass "
+                f"{placed.length}-long ranking; append the rest of the global ranking, or pass "
                 "shortlist_only=True for the official shortlist-only number"
             )
         for name in PROTOCOLS:
@@ -291,7 +335,7 @@ def evaluate_revisited(
             "kappas": [int(k) for k in kappas],
             "n_queries_without_positives": int(np.isnan(aps[name]).sum()),
         }
-    out["ranking"] = {"length": int(ranks.shape[0]), "shortlist_only": bool(shortlist_only)}
+    out["ranking"] = {"length": placed.length, "shortlist_only": bool(shortlist_only)}
     return out
 
 

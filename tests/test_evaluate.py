@@ -16,8 +16,8 @@ from locore.core.errors import UserError
 from locore.engine.evaluate import (
     FULL_RANKING,
     EvalReport,
+    GlobalOrder,
     _descending,
-    complete_ranks,
     format_metrics,
     index_to_imlist,
     load_gnd,
@@ -25,7 +25,13 @@ from locore.engine.evaluate import (
     to_imlist_ranks,
     write_report,
 )
-from locore.engine.metrics import PROTOCOLS, evaluate_revisited, paired_bootstrap
+from locore.engine.metrics import (
+    PROTOCOLS,
+    Placements,
+    evaluate_revisited,
+    labelled,
+    paired_bootstrap,
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -82,7 +88,9 @@ def _evaluate(queries, db_index, to_eval, num_eval, gnd, topk, how):
     """First stage = exact top-k in the index, then a full ranking as ``how`` builds it."""
     ids = np.argsort(-(queries @ db_index.T), axis=1, kind="stable")[:, :topk]
     if how == "similarity":
-        ranks = complete_ranks(ids, to_eval, num_eval, queries, db_index, block=37)
+        ranks = GlobalOrder(queries, db_index, to_eval, num_eval, block=37).place(
+            ids, labelled(gnd)
+        )
     else:
         ranks = to_imlist_ranks(ids, to_eval, num_eval)
     result = evaluate_revisited(ranks, gnd)
@@ -122,7 +130,8 @@ def test_complete_ranks_head_then_exact_similarity():
     shortlist = np.array([[5, 9, 1, -1], [0, 2, 4, 6]])
     mapping = np.arange(db.shape[0])
     mapping[7] = -1  # index entry 7 is not in the ground truth
-    ranks = complete_ranks(shortlist, mapping, db.shape[0], queries, db, block=8)
+    order = GlobalOrder(queries, db, mapping, db.shape[0], block=8)
+    ranks = order.ranks(shortlist)
     assert ranks.shape == (db.shape[0], 2)
     np.testing.assert_array_equal(ranks[:3, 0], [5, 9, 1])
     rest = ranks[3:, 0]
@@ -131,9 +140,36 @@ def test_complete_ranks_head_then_exact_similarity():
     assert (np.diff(sims[0, rest[:-1]]) <= 0).all()
     assert sorted(ranks[:, 0].tolist()) == list(range(db.shape[0]))
     # a memmap in blocks gives the same as one block
-    np.testing.assert_array_equal(
-        ranks, complete_ranks(shortlist, mapping, db.shape[0], queries, db, block=10_000)
-    )
+    again = GlobalOrder(queries, db, mapping, db.shape[0], block=10_000)
+    np.testing.assert_array_equal(ranks, again.ranks(shortlist))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_placements_are_the_positions_in_the_dense_full_ranking(seed):
+    """``GlobalOrder.place`` (no 1M-long ranking) puts every wanted id where the dense
+    shortlist-then-global ranking has it: with tied similarities, index entries outside the
+    ground truth, ground-truth images without a descriptor, -1 padding, shortlists of any
+    length (empty included) and wanted ids inside and outside the shortlist."""
+    rng = np.random.default_rng(seed)
+    n_index, n_eval, n_query = 300, 320, 5
+    # coarse values: many exact ties, broken by ground-truth id
+    db = rng.integers(-3, 4, size=(n_index, 4)).astype(np.float32)
+    queries = rng.integers(-3, 4, size=(n_query, 4)).astype(np.float32)
+    mapping = rng.permutation(n_eval)[:n_index]  # 20 evaluated images have no descriptor
+    mapping[rng.choice(n_index, 10, replace=False)] = -1  # 10 index entries not evaluated
+    ids = np.full((n_query, 40), -1)
+    for q in range(n_query):
+        length = [0, 1, 17, 40, 33][q]
+        ids[q, :length] = rng.choice(n_index, length, replace=False)
+    wanted = [rng.choice(n_eval, 25, replace=False) for _ in range(n_query)]
+    order = GlobalOrder(queries, db, mapping, n_eval, block=64)
+    dense = order.ranks(ids)
+    assert sorted(dense[:, 0]) == list(range(n_eval))
+    placed, reference = order.place(ids, wanted), Placements.of(dense, wanted)
+    for q in range(n_query):
+        np.testing.assert_array_equal(placed.ids[q], reference.ids[q])
+        np.testing.assert_array_equal(placed.pos[q], reference.pos[q])
+    assert placed.length == reference.length == n_eval
 
 
 def test_descending_order_is_the_stable_argsort():

@@ -15,7 +15,7 @@ from locore.benchmarks import fusion_grid
 from locore.benchmarks.fusion_grid import FusionCache, grid_search
 from locore.core.errors import UserError
 from locore.engine.evaluate import shortlist_ranks
-from locore.engine.metrics import evaluate_revisited
+from locore.engine.metrics import Placements, evaluate_revisited, labelled
 from locore.indexing.shortlist import Shortlist
 from locore.rerank.chain import build_chain, stage_input
 from locore.rerank.locore.reranker import LocoreOptions, LocoreReranker
@@ -162,7 +162,8 @@ def test_the_cache_keeps_the_labelled_images_past_the_list_where_the_full_rankin
     # by the full ranking, distractors fill the rest.
     full = np.array([[3, 9, 5, 8, 7, 6, 4, 0, 1, 2]]).T
     gnd = [{"easy": [3], "hard": [4], "junk": [5]}]
-    rest_ids, rest_pos = fusion_grid.labelled_rest(full, np.array([2]), gnd)
+    placed = Placements.of(full, labelled(gnd))
+    rest_ids, rest_pos = fusion_grid.labelled_rest(placed, np.array([2]))
     assert (rest_ids.tolist(), rest_pos.tolist()) == ([[5, 4]], [[2, 6]])
     cache = FusionCache(
         full[:2].T, [[0.9, 0.8]], [[1.0, 2.0]], [2], gnd, num_db=10, rest_ids=rest_ids,
