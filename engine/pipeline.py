@@ -232,13 +232,16 @@ def build_index(images: Path, out: Path, config: PipelineConfig) -> IndexSummary
     started = time.perf_counter()
     extractor = validate(config)
     seconds = {"load extractor": time.perf_counter() - started}
+    started = time.perf_counter()
     files = {str(p.relative_to(images)): p for p in list_images(images)}
     if not files:
         raise UserError(
             f"image folder {images} is empty; put images in it or pass another --images"
         )
+    seconds["scan folder"] = time.perf_counter() - started
     out.mkdir(parents=True, exist_ok=True)
     with _exclusive(out):
+        started = time.perf_counter()
         recover(out)
         global_index.recover(out / INDEX_SUBDIR)
         _check_resumable(out, config)
@@ -262,6 +265,7 @@ def build_index(images: Path, out: Path, config: PipelineConfig) -> IndexSummary
             out / MANIFEST_FILE,
             json.dumps({"root": str(images.resolve()), "files": manifest}, indent=0),
         )
+        seconds["compare files"] = time.perf_counter() - started
         started = time.perf_counter()
         report = extract(
             extractor,
@@ -296,9 +300,11 @@ def _update_global_index(
 ) -> bool:
     """Fill the global index with the stored globals; returns True when it was trained anew.
 
-    A saved index of the configured kind and options is emptied and refilled (ivfpq keeps its
-    trained codebooks; a fresh build would train them on the new collection); it is left alone
-    when no descriptor changed. Any other index is rebuilt.
+    A saved index of the configured kind and options is kept: when the store only grew (every
+    indexed name still first, in order), just the new rows are added, so adding 10,000 images
+    to a 1M-image index encodes 10,000 vectors (ivfpq keeps its trained codebooks; a fresh build
+    would train them on the new collection); after removals it is emptied and refilled, since
+    ids shift down; it is left alone when no descriptor changed. Any other index is rebuilt.
     """
     directory = out / INDEX_SUBDIR
     options = {k: v for k, v in config.index.options.items() if k != "device"}
@@ -315,14 +321,18 @@ def _update_global_index(
             if same and not stale and saved.names == names:
                 return False
             if same:
-                saved.clear()
                 index = saved
-    globals_ = np.asarray(read_raw_globals(out / GLOBAL_FILE, dim, len(names), prefix=True))
+    globals_ = read_raw_globals(out / GLOBAL_FILE, dim, len(names), prefix=True)
     trained = index is None
     if index is None:
         index = GlobalIndex.build(dim, kind=config.index.kind, **config.index.options)
-        index.train(globals_)
-    index.add(globals_, names=names)
+        index.train(np.asarray(globals_))
+    kept = len(index)
+    if index.names != names[:kept]:
+        index.clear()
+        kept = 0
+    if kept < len(names):
+        index.add(np.asarray(globals_[kept:]), names=names[kept:])
     index.save(directory)
     return trained
 
@@ -365,7 +375,7 @@ def open_index(directory: Path, overrides: Sequence[str] = ()) -> IndexHandle:
                 f"queries must be described like the index: {mismatch}; "
                 "drop that --set (or build another index with it)"
             )
-    index = GlobalIndex.load(directory / INDEX_SUBDIR)
+    index = GlobalIndex.load(directory / INDEX_SUBDIR, mmap=True)
     store = LocalStore(directory / LOCAL_FILE)
     globals_ = read_raw_globals(directory / GLOBAL_FILE, index.dim, len(index), prefix=True)
     return IndexHandle(directory, config, index, Database(globals_, store), list(index.names))

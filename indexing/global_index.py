@@ -312,8 +312,7 @@ class GlobalIndex:
             _write_durably(tmp / META_FILE, json.dumps(meta, indent=1).encode())
             _write_durably(tmp / NAMES_FILE, json.dumps(self.names).encode())
             if self.kind == "torch":
-                with open(tmp / VECTORS_FILE, "wb") as f:
-                    np.save(f, self._backend.array(), allow_pickle=False)
+                self._backend.save(tmp / VECTORS_FILE)
                 _fsync_path(tmp / VECTORS_FILE)
             else:
                 import faiss
@@ -332,10 +331,15 @@ class GlobalIndex:
         shutil.rmtree(old, ignore_errors=True)
 
     @classmethod
-    def load(cls, directory: Path, device: str = "cpu", dim: int | None = None) -> GlobalIndex:
+    def load(
+        cls, directory: Path, device: str = "cpu", dim: int | None = None, *, mmap: bool = False
+    ) -> GlobalIndex:
         """Open a saved index; checks its files, dimension (against ``dim`` when given), metric
         and names. ``device`` picks where exact kinds search (see the module doc). The torch
-        kind's vectors are memory-mapped, not read: opening a 1M-image index costs nothing."""
+        kind's vectors are memory-mapped, not read: opening a 1M-image index costs nothing.
+        ``mmap=True`` maps a flat index's vectors too (a search-only index: faiss cannot add to
+        a mapped one), so ``locore search`` opens a 5 GB index at once; ivfpq and hnsw are
+        read whole."""
         directory = Path(directory)
         if not (directory / META_FILE).is_file() and (_old_path(directory) / META_FILE).is_file():
             # a save was interrupted between its two renames: the previous index is complete
@@ -364,8 +368,9 @@ class GlobalIndex:
         else:
             import faiss
 
+            flags = faiss.IO_FLAG_MMAP_IFC if mmap and kind == "flat" else 0
             try:
-                index._backend = faiss.read_index(str(directory / INDEX_FILE))
+                index._backend = faiss.read_index(str(directory / INDEX_FILE), flags)
             except RuntimeError:
                 raise UserError(
                     f"{directory / INDEX_FILE} is missing or damaged; rebuild"
@@ -401,7 +406,8 @@ class _ExactVectors:
     @classmethod
     def load(cls, path: Path, dim: int) -> _ExactVectors:
         try:
-            data = np.load(path, mmap_mode="r", allow_pickle=False)
+            # copy-on-write: a writable view for torch.from_numpy; the file is never written
+            data = np.load(path, mmap_mode="c", allow_pickle=False)
         except (OSError, ValueError):
             raise UserError(f"{path} is missing or damaged; rebuild the index") from None
         if data.ndim != 2 or data.dtype != np.float32:
@@ -417,6 +423,19 @@ class _ExactVectors:
 
     def add(self, x: np.ndarray) -> None:
         self._blocks.append(np.array(x, np.float32))
+
+    def save(self, path: Path) -> None:
+        """Write every block into one ``.npy``, block by block (a mapped 1M-row matrix plus
+        10,000 new rows is never joined in memory)."""
+        out = np.lib.format.open_memmap(
+            path, mode="w+", dtype=np.float32, shape=(self.ntotal, self.d)
+        )
+        start = 0
+        for block in self._blocks:
+            out[start : start + len(block)] = block
+            start += len(block)
+        out.flush()
+        del out
 
     def array(self) -> np.ndarray:
         """``[N, D]`` float32; blocks added since the last call are joined once."""

@@ -363,7 +363,6 @@ class _Segment:
     path: Path
     addresses: np.ndarray | None = None  # byte address of each image's first row; lazy
     fields: list[tuple[int, np.dtype, int]] | None = None  # (offset, dtype, columns) per part
-    memmap: np.ndarray | None = None
     fd: int | None = None
     direct: bool | None = None  # None = not examined yet
     checksum: bool = False  # each image's chunk ends with a Fletcher-32 checksum
@@ -553,14 +552,8 @@ class LocalStore:
         for offset, dtype, columns in segment.fields:
             addresses = segment.addresses[ids] + offset
             nbytes = L * columns * dtype.itemsize
-            _advise(segment.fd, addresses, nbytes)
-            view = np.lib.stride_tricks.as_strided(
-                segment.memmap,
-                shape=(segment.memmap.size - nbytes + 1, nbytes),
-                strides=(1, 1),
-                writeable=False,
-            )
-            parts.append(view[addresses].view(dtype).reshape(len(ids), L, columns))
+            block = _pread(segment, addresses, nbytes)
+            parts.append(block.view(dtype).reshape(len(ids), L, columns))
         if len(parts) == 1:  # flat rows: split the metadata columns off
             (block,) = parts
             return block[..., :NUM_META].astype(np.float32), block[..., NUM_META:]
@@ -572,7 +565,6 @@ class LocalStore:
             if segment.fd is not None:
                 os.close(segment.fd)
                 segment.fd = None
-            segment.memmap = None
             if segment.dataset.file.id.valid and segment.dataset.file != self.file:
                 segment.dataset.file.close()
         if self.file.id.valid:
@@ -662,22 +654,34 @@ def _map_segment(segment: _Segment) -> bool:
         addresses = starts[ids // per_chunk] + record * (ids % per_chunk)
     else:
         return False
-    memmap = np.memmap(segment.path, dtype=np.uint8, mode="r")
-    if n and addresses.max() + record + 4 * checksum > memmap.size:
+    if n and addresses.max() + record + 4 * checksum > segment.path.stat().st_size:
         return False
-    segment.addresses, segment.fields, segment.memmap = addresses, fields, memmap
+    segment.addresses, segment.fields = addresses, fields
     segment.checksum, segment.verified = checksum, np.zeros(n, bool)
     segment.fd = os.open(segment.path, os.O_RDONLY)
     return True
 
 
-def _advise(fd: int, addresses: np.ndarray, nbytes: int) -> None:
-    """Ask the kernel to read every range ahead, in parallel, before numpy touches the pages
-    one at a time (a cold gather gets ~4x faster; see benchmarks/results/indexing.md)."""
-    if not hasattr(os, "posix_fadvise"):
-        return
-    for address in addresses.tolist():
-        os.posix_fadvise(fd, address, nbytes, os.POSIX_FADV_WILLNEED)
+def _pread(segment: _Segment, addresses: np.ndarray, nbytes: int) -> np.ndarray:
+    """``[n, nbytes]`` uint8: ``nbytes`` at each address, read with ``pread`` into one buffer.
+
+    Reads, not a memory map: a map would leave every touched page of a 100 GB store in the
+    process's RSS (10 GB after one ROxf+1M re-rank, issue #16), and ``pread`` is safe from any
+    number of threads on one descriptor. The kernel is first asked to fetch every range ahead,
+    in parallel (a cold gather gets ~4x faster; benchmarks/results/indexing.md).
+    """
+    positions = addresses.tolist()
+    if hasattr(os, "posix_fadvise"):
+        for address in positions:
+            os.posix_fadvise(segment.fd, address, nbytes, os.POSIX_FADV_WILLNEED)
+    out = np.empty((len(positions), nbytes), np.uint8)
+    for row, address in zip(out, positions):
+        if os.preadv(segment.fd, [row], address) != nbytes:
+            raise UserError(
+                f"store {segment.path} is shorter than its index says (truncated); "
+                "delete it and extract (or `locore index`) again"
+            )
+    return out
 
 
 def _verify(segment: _Segment, ids: np.ndarray) -> None:
@@ -686,18 +690,10 @@ def _verify(segment: _Segment, ids: np.ndarray) -> None:
     their rows. Raises :class:`_Damaged` for the first image that fails."""
     ((_, dtype, columns),) = segment.fields
     record = segment.dataset.shape[1] * columns * dtype.itemsize
-    view = np.lib.stride_tricks.as_strided(
-        segment.memmap,
-        shape=(segment.memmap.size - record - 3, record + 4),
-        strides=(1, 1),
-        writeable=False,
-    )
     step = max(1, VERIFY_BYTES // (record + 4))
     for start in range(0, len(ids), step):
         part = ids[start : start + step]
-        addresses = segment.addresses[part]
-        _advise(segment.fd, addresses, record + 4)
-        bad = ~_fletcher32_ok(view[addresses])
+        bad = ~_fletcher32_ok(_pread(segment, segment.addresses[part], record + 4))
         if bad.any():
             raise _Damaged(int(part[np.argmax(bad)]))
         segment.verified[part] = True

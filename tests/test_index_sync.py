@@ -34,6 +34,7 @@ from locore.engine.pipeline import (
     open_index,
     search,
 )
+from locore.indexing.global_index import GlobalIndex
 from locore.indexing.local_store import LocalStore
 from locore.indexing.shortlist import read_raw_globals
 
@@ -180,6 +181,40 @@ def test_reindex_equals_a_fresh_build_of_the_final_folder(built, tmp_path, capsy
         main(["search", str(query), "--index", str(tmp_path / "index"), "--grid", str(grid)]) == 0
     )
     assert grid.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("kind", ["flat", "torch"])
+def test_added_images_are_appended_to_the_saved_global_index(built, tmp_path, monkeypatch, kind):
+    """Images only added: the saved global index keeps its vectors and gets just the new ones
+    (work in proportion to what was added, issue #16), and equals a fresh build."""
+    images, _ = copy(built, tmp_path)
+    settings = [*SETTINGS, f"index.kind={kind}"]
+    config = cfg.load(PipelineConfig, None, settings)
+    build_index(images, tmp_path / "grown", config)
+    write(images / "new_a.png", photo("astronaut")[:96])
+    write(images / "new_b.png", photo("coffee")[20:, 10:])
+    added = []
+    original = GlobalIndex.add
+    monkeypatch.setattr(
+        GlobalIndex,
+        "add",
+        lambda self, x, names=None: (added.append(len(x)), original(self, x, names)),
+    )
+    grown = build_index(images, tmp_path / "grown", config)
+    assert grown.sync == SyncReport(added=2, changed=0, removed=0, unchanged=10)
+    assert added == [2] and not grown.trained
+    monkeypatch.undo()
+    fresh = build_index(images, tmp_path / "fresh", config)
+    a = GlobalIndex.load(tmp_path / "grown" / "faiss", mmap=True)
+    b = GlobalIndex.load(tmp_path / "fresh" / "faiss")
+    assert sorted(a.names) == sorted(b.names) and len(a) == 12
+    query = tmp_path / "query.png"
+    write(query, photo("coffee")[:, :100])
+    assert_same_index(tmp_path / "grown", fresh.directory, query)
+    # and a removal afterwards refills it (ids shift down over the removed image)
+    (images / "new_a.png").unlink()
+    assert build_index(images, tmp_path / "grown", config).sync.removed == 1
+    assert "new_a.png" not in GlobalIndex.load(tmp_path / "grown" / "faiss").names
 
 
 def test_config_is_validated_before_anything_is_written(built, tmp_path, capsys):
