@@ -242,12 +242,15 @@ def evict(root: Path) -> None:
                 os.close(fd)
 
 
-def _micro_checkpoint(folder: Path, dim: int, num_local: int, seed: int) -> Path:
-    """A seeded 1-layer LoCoRe-micro for descriptors of size ``dim`` (written once)."""
+def random_checkpoint(
+    folder: Path, preset: str, dim: int, num_local: int, seed: int, **overrides
+) -> Path:
+    """A seeded random LoCoRe of ``preset`` (micro, base, ...) for descriptors of size ``dim``
+    (written once; ``overrides`` go to ``build_model``, e.g. ``num_layers=1``)."""
     if (folder / "config.json").is_file():
         return folder
     torch.manual_seed(seed)
-    model = build_model("micro", num_layers=1, local_dim=dim, global_dim=dim, num_local=num_local)
+    model = build_model(preset, local_dim=dim, global_dim=dim, num_local=num_local, **overrides)
     model.save_pretrained(folder)
     return folder
 
@@ -278,8 +281,13 @@ def run_one(n: int, args: argparse.Namespace) -> dict:
     reused = is_complete(release, spec)
     generate(release, spec)
     generate_s = time.monotonic() - t
-    checkpoint = _micro_checkpoint(
-        out / f"micro_d{args.dim}_k{args.num_local}", args.dim, args.num_local, args.seed
+    checkpoint = random_checkpoint(
+        out / f"micro_d{args.dim}_k{args.num_local}",
+        "micro",
+        args.dim,
+        args.num_local,
+        args.seed,
+        num_layers=1,
     )
     run_dir = out / f"run_n{n}"
     shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run: cached stages would skip work

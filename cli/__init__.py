@@ -160,6 +160,12 @@ BENCH_TARGETS: dict[str, Command] = {
         ("locore bench scale --n 10000,100000 --out runs/scale",),
         config=None,
     ),
+    "precision": Command(
+        f"{BENCH}.precision",
+        "float32 vs float16 local store: re-ranked rankings and mAP on a synthetic release",
+        ("locore bench precision --n 10000 --out runs/precision",),
+        config=None,
+    ),
     "gpu": Command(
         f"{BENCH}.speed.gpu",
         "the GPU suite in one run: LoCoRe, training, extraction, sliding, search",
