@@ -93,7 +93,7 @@ class Stage:
     rchar_mb: float = 0.0  # bytes passed through read() calls (page cache hits included)
 
 
-class _Probe:
+class Probe:
     """``/proc`` readings of one child process."""
 
     def __init__(self, pid: int):
@@ -141,7 +141,7 @@ def measure(command: list[str], run_dir: Path, log: Path) -> dict:
 
         reader = threading.Thread(target=read_stderr, daemon=True)
         reader.start()
-        probe = _Probe(proc.pid)
+        probe = Probe(proc.pid)
         stages = [Stage("start: import, open the release")]
         seen_done: set[Path] = set()
         handled, current = 0, None  # events taken; the stage whose marker may end it

@@ -160,6 +160,12 @@ BENCH_TARGETS: dict[str, Command] = {
         ("locore bench scale --n 10000,100000 --out runs/scale",),
         config=None,
     ),
+    "grow": Command(
+        f"{BENCH}.grow",
+        "an index of N images grows by M: locore index and locore search timed at N = 1M",
+        ("locore bench grow --n 1000000 --add 10000 --out runs/grow",),
+        config=None,
+    ),
     "precision": Command(
         f"{BENCH}.precision",
         "float32 vs float16 local store: re-ranked rankings and mAP on a synthetic release",
