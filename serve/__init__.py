@@ -54,6 +54,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--max-wait-ms", type=float, default=DEFAULTS.max_wait_ms, help="batch gathering wait"
     )
     p.add_argument("--queue-size", type=int, default=DEFAULTS.queue_size, help="queued queries")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=DEFAULTS.threads,
+        help="torch threads of a stage working alone (one each while extraction and re-ranking "
+        "overlap)",
+    )
 
 
 def serve_config(args: argparse.Namespace) -> ServeConfig:
@@ -64,8 +71,10 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
             f"binding {args.host} exposes the index beyond this machine; pass --token or set "
             f"{TOKEN_ENV}, or bind 127.0.0.1"
         )
-    if args.max_batch < 1 or args.queue_size < 1 or args.max_wait_ms < 0:
-        raise UserError("--max-batch and --queue-size must be >= 1 and --max-wait-ms >= 0")
+    if min(args.max_batch, args.queue_size, args.threads) < 1 or args.max_wait_ms < 0:
+        raise UserError(
+            "--max-batch, --queue-size and --threads must be >= 1 and --max-wait-ms >= 0"
+        )
     return dataclasses.replace(
         DEFAULTS,
         host=args.host,
@@ -77,6 +86,7 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
         max_batch=args.max_batch,
         max_wait_ms=args.max_wait_ms,
         queue_size=args.queue_size,
+        threads=args.threads,
     )
 
 

@@ -8,9 +8,10 @@
     GET  /                   the search page (static files shipped in the package)
     GET  /docs               OpenAPI documentation, served offline
 
-Every refused request answers ``{"error": message}`` with a 4xx status; a token, when set, is
-checked on every route but ``/healthz`` (``Authorization: Bearer`` header, or the cookie that
-``/?token=...`` sets for the browser page).
+Every refused request answers ``{"error": message}`` with a 4xx status and costs its client part
+of its allowance of refusals (``refusals``: beyond it, 429 with ``Retry-After``); a token, when
+set, is checked on every route but ``/healthz`` (``Authorization: Bearer`` header, or the cookie
+that ``/?token=...`` sets for the browser page).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from PIL import Image
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
+from locore.serve.refusals import RefusalBudget, retry_after
 from locore.serve.service import Job, SearchService
 from locore.serve.uploads import RequestError, decode_upload, parse_box
 
@@ -45,6 +47,7 @@ MULTIPART_SLACK = 64 * 1024  # bytes a multipart body may exceed the image limit
 def create_app(service: SearchService) -> FastAPIOffline:
     """The FastAPI application; the caller starts and closes ``service``."""
     config = service.config
+    refusals = RefusalBudget(config.refusals_burst, config.refusals_per_s)
     app = FastAPIOffline(
         title="locore",
         summary="Image retrieval: global search + LoCoRe list-wise re-ranking.",
@@ -75,10 +78,17 @@ def create_app(service: SearchService) -> FastAPIOffline:
     async def guard(request: Request, call_next):
         start = time.perf_counter()
         path = request.url.path
-        if config.token and path not in OPEN_ROUTES and not authorized(request):
+        client = (request.client.host, request.client.port) if request.client else None
+        wait = 0.0 if path in OPEN_ROUTES else refusals.wait(client)
+        if wait > 0:  # held back before anything is read: ignoring Retry-After gains nothing
+            await asyncio.sleep(wait)
             response: Response = error(
-                401, "missing or wrong token; send 'Authorization: Bearer <token>'"
+                429,
+                "this client sent too many refused requests; wait between requests",
+                {"Retry-After": retry_after(wait)},
             )
+        elif config.token and path not in OPEN_ROUTES and not authorized(request):
+            response = error(401, "missing or wrong token; send 'Authorization: Bearer <token>'")
             response.headers["WWW-Authenticate"] = "Bearer"
         elif path == "/search" and too_large(request):
             response = error(
@@ -86,6 +96,7 @@ def create_app(service: SearchService) -> FastAPIOffline:
             )
         else:
             response = await call_next(request)
+        refusals.charge(client, response.status_code)
         route = request.scope.get("route")
         service.stats.request(
             getattr(route, "path", "other"), response.status_code, time.perf_counter() - start
@@ -131,18 +142,21 @@ def create_app(service: SearchService) -> FastAPIOffline:
 
         with service.arriving():
             data = await image.read(config.max_upload_bytes + 1)
-            pixels = await run_in_threadpool(
-                decode_upload, data, config.max_upload_bytes, config.max_pixels
-            )
-            region = parse_box(box, pixels.shape[1], pixels.shape[0])
+            network_input, region = await run_in_threadpool(prepare, data, box)
             decoded = time.perf_counter()
-            service.submit(Job(pixels, region, chain, top_k, reply))
+            service.submit(Job(network_input, region, chain, top_k, reply))
         value = await future
         if isinstance(value, Exception):
             raise value
         value["timings_ms"]["decode"] = round((decoded - start) * 1000.0, 2)
         value["timings_ms"]["total"] = round((time.perf_counter() - start) * 1000.0, 2)
         return value
+
+    def prepare(data: bytes, box: str | None) -> tuple:
+        """Upload bytes and box text -> (network input, box), in a worker thread."""
+        pixels = decode_upload(data, config.max_upload_bytes, config.max_pixels)
+        region = parse_box(box, pixels.shape[1], pixels.shape[0])
+        return service.prepare(pixels, region), region
 
     def image_path(image_id: int) -> Path:
         generation = service.current

@@ -1,19 +1,30 @@
 """The search service behind the HTTP routes: models loaded once, queries answered in micro-batches.
 
-One worker thread owns the extractor, the re-ranking chains and the open index. Requests wait in
-a bounded queue; the worker takes every query already queued (at most ``max_batch``), waits up to
-``max_wait_ms`` for uploads still being decoded (never when there are none), and runs the batch:
-extraction (one forward pass per input size), one global search for all, then each chain on its
-queries (LoCoRe scores the lists of a batch together). Only this thread touches the models and
-the local store, so readers never race on them; other processes may open the same files.
+Requests decode their upload and run the extractor's ``preprocess`` in the request's own thread,
+then wait in a bounded queue. Two stage threads answer them, so that one batch is extracted
+while the previous one is re-ranked:
+
+    extract  takes every query already queued (at most ``max_batch``), waits up to
+             ``max_wait_ms`` for uploads still being decoded (never when there are none), runs the
+             extractor (one forward pass per input size) and one global search for the batch
+    rerank   runs each chain on its queries (LoCoRe scores the lists of a batch together) and
+             answers them
+
+Each model has one owner: the extractor and the global index belong to the extract thread, the
+re-ranking chains and the local store to the rerank thread, so no two threads race on a model;
+other processes may open the same files. A stage working alone uses ``threads`` torch threads; while
+both stages are busy each uses one, since two OpenMP teams on the same cores (or cores shared with
+other jobs) spend their time spinning at barriers instead of computing.
 
 A changed index (``locore index`` run again on the folder) becomes a new *generation*: a watcher
 thread polls the metadata of the files that define the index (``config.yaml`` and the ``faiss/``
 folder, which ``GlobalIndex.save`` replaces atomically and last). It opens the new index only
 when that metadata has been stable for one poll, no ``locore index`` holds the folder's lock, and
-the opened files agree with each other; then it hands the index to the worker, which swaps it
-in between two batches. A request therefore sees one generation from start to end, and the old
-generation's files stay readable until then (writers replace files, they never shrink them).
+the opened files agree with each other; then it hands the index to the extract thread, which
+swaps it in between two batches and passes the old generation down the pipeline behind that
+generation's last batch; the rerank thread closes it there. A request therefore sees one
+generation from start to end, and the old generation's files stay readable until then (writers
+replace files, they never shrink them).
 """
 
 from __future__ import annotations
@@ -46,6 +57,7 @@ from locore.engine.pipeline import (
     to_results,
 )
 from locore.feature_extractors import Extractor
+from locore.indexing.shortlist import Shortlist
 from locore.rerank.base import Queries
 from locore.rerank.chain import Chain, build_chain
 from locore.serve.uploads import RequestError
@@ -68,6 +80,9 @@ class ServeConfig:
     max_batch: int = 8  # queries per micro-batch
     max_wait_ms: float = 10.0  # how long a batch may wait for uploads still being decoded
     queue_size: int = 64  # waiting queries beyond which /search answers 503
+    threads: int = 1  # torch threads of a stage working alone (one each while both work)
+    refusals_burst: int = 10  # refused requests a client may send in a row ...
+    refusals_per_s: float = 1.0  # ... and how fast that allowance comes back (then 429)
     reload_interval_s: float = 1.0  # how often the index folder is checked for changes
     thumb_size: int = 256  # long side of /image/{id}/thumb in pixels
     images: Path | None = None  # image folder; default: the one the index was built from
@@ -85,10 +100,10 @@ class Generation:
 
 @dataclasses.dataclass
 class Job:
-    """One query waiting for the worker; ``reply`` is called from the worker thread (after a
+    """One query waiting for the stage threads; ``reply`` is called from a stage thread (after a
     failed batch possibly twice: the receiver keeps the first answer)."""
 
-    image: np.ndarray  # [H, W, 3] uint8 RGB
+    input: torch.Tensor  # [3, H', W'] network input (``SearchService.prepare``)
     box: tuple[float, float, float, float] | None
     chain: str
     topk: int
@@ -120,6 +135,11 @@ def index_signature(directory: Path) -> tuple | None:
         )
     except FileNotFoundError:
         return None
+
+
+def ms(start: float, stop: float) -> float:
+    """Milliseconds between two ``perf_counter`` readings, rounded for JSON."""
+    return round((stop - start) * 1000.0, 2)
 
 
 class Stats:
@@ -161,8 +181,21 @@ class Stats:
             }
 
 
+@dataclasses.dataclass
+class Extracted:
+    """One batch between the stages: extracted, searched, not yet re-ranked."""
+
+    generation: Generation
+    jobs: list[Job]
+    queries: Queries  # [B, ...] one row per job
+    shortlist: Shortlist  # [B, topk]
+    started: float  # perf_counter when the extract stage took the batch
+    extracted: float  # ... when extraction ended
+    searched: float  # ... when the global search ended
+
+
 class SearchService:
-    """Loads the models once, owns the index generations and the batch worker."""
+    """Loads the models once, owns the index generations and the two stage threads."""
 
     def __init__(self, index_dir: Path, overrides: Sequence[str], config: ServeConfig):
         self.index_dir = Path(index_dir)
@@ -181,10 +214,14 @@ class SearchService:
         self._rejected: tuple | None = None  # a signature whose files could not be served
         self._lock = threading.Lock()
         self._queue: queue.Queue[Job] = queue.Queue(maxsize=config.queue_size)
+        # extract -> rerank: one batch in flight, the old generation to close, or None (stop)
+        self._handoff: queue.Queue[Extracted | Generation | None] = queue.Queue(maxsize=1)
+        self._busy = 0  # stages working on a batch (guarded by _lock)
         self.incoming = 0  # requests decoding their upload (see arriving)
         self._stop = threading.Event()
         self._threads = [
-            threading.Thread(target=self._work, name="locore-search", daemon=True),
+            threading.Thread(target=self._extract_stage, name="locore-extract", daemon=True),
+            threading.Thread(target=self._rerank_stage, name="locore-rerank", daemon=True),
             threading.Thread(target=self._watch, name="locore-reload", daemon=True),
         ]
 
@@ -205,6 +242,7 @@ class SearchService:
             thread.start()
 
     def close(self) -> None:
+        """Stop the stages (the batches already taken are answered), refuse what is queued."""
         self._stop.set()
         for thread in self._threads:
             if thread.is_alive():
@@ -231,6 +269,14 @@ class SearchService:
         if name not in self.chains:
             raise RequestError(422, f"unknown chain {name!r}; choose one of {sorted(self.chains)}")
 
+    def prepare(self, image: np.ndarray, box: tuple[float, ...] | None) -> torch.Tensor:
+        """The extractor's own preprocessing of a decoded upload, in the request's thread (it
+        reads no weights); RequestError 422 when the region is too small for the network."""
+        try:
+            return self.extractor.preprocess(image, box)
+        except UserError as err:
+            raise RequestError(422, str(err)) from None
+
     def submit(self, job: Job) -> None:
         """Queue ``job``; RequestError 503 when the queue is full, 422 for an unknown chain."""
         self.check_chain(job.chain)
@@ -243,58 +289,86 @@ class SearchService:
     def queued(self) -> int:
         return self._queue.qsize()
 
-    # -- the worker ---------------------------------------------------------------------------
-    def _work(self) -> None:
-        while not self._stop.is_set():
+    # -- the stages ---------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _working(self) -> Iterator[None]:
+        """Set this thread's torch threads for one batch: ``threads`` alone, one while the other
+        stage works too (OpenMP thread counts are per calling thread)."""
+        with self._lock:
+            self._busy += 1
+            alone = self._busy == 1
+        torch.set_num_threads(self.config.threads if alone else 1)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._busy -= 1
+
+    def _gather(self) -> list[Job] | None:
+        """The next batch: every queued job (at most ``max_batch``), waiting up to
+        ``max_wait_ms`` for uploads on their way; None when nothing came within 0.1 s."""
+        try:
+            batch = [self._queue.get(timeout=0.1)]
+        except queue.Empty:
+            return None
+        deadline = time.perf_counter() + self.config.max_wait_ms / 1000.0
+        while len(batch) < self.config.max_batch:
             try:
-                batch = [self._queue.get(timeout=0.1)]
-            except queue.Empty:
-                self._swap()
+                batch.append(self._queue.get_nowait())
                 continue
-            deadline = time.perf_counter() + self.config.max_wait_ms / 1000.0
-            while len(batch) < self.config.max_batch:
-                try:
-                    batch.append(self._queue.get_nowait())
-                    continue
-                except queue.Empty:
-                    pass
-                left = deadline - time.perf_counter()
-                if not self.incoming or left <= 0:  # wait only for uploads on their way
-                    break
-                try:
-                    batch.append(self._queue.get(timeout=left))
-                except queue.Empty:
-                    break
+            except queue.Empty:
+                pass
+            left = deadline - time.perf_counter()
+            if not self.incoming or left <= 0:  # wait only for uploads on their way
+                break
+            try:
+                batch.append(self._queue.get(timeout=left))
+            except queue.Empty:
+                break
+        return batch
+
+    def _extract_stage(self) -> None:
+        while not self._stop.is_set():
+            batch = self._gather()
             self._swap()
+            if batch is None:
+                continue
             self.stats.batch(len(batch))
             try:
-                self._run(batch)
+                with self._working():
+                    extracted = self._extract(batch)
             except Exception as err:  # a bug: fail this batch, keep serving
-                logger.exception("search batch failed")
+                logger.exception("search batch failed in extraction")
                 for job in batch:
                     job.reply(err)
+                continue
+            self._handoff.put(extracted)
+        self._handoff.put(None)
 
-    def _run(self, batch: list[Job]) -> None:
-        generation = self.current
-        handle = generation.handle
-        start = time.perf_counter()
-        inputs: list[torch.Tensor] = []
-        jobs: list[Job] = []
-        for job in batch:
+    def _rerank_stage(self) -> None:
+        while (item := self._handoff.get()) is not None:
+            if isinstance(item, Generation):  # its last batch has been answered
+                item.handle.close()
+                continue
             try:
-                inputs.append(self.extractor.preprocess(job.image, job.box))
-                jobs.append(job)
-            except UserError as err:  # e.g. a box too small for the network
-                job.reply(RequestError(422, str(err)))
-        if not jobs:
-            return
-        feats = [None] * len(jobs)
+                with self._working():
+                    self._rerank(item)
+            except Exception as err:  # a bug: fail this batch, keep serving
+                logger.exception("search batch failed in re-ranking")
+                for job in item.jobs:
+                    job.reply(err)
+
+    def _extract(self, batch: list[Job]) -> Extracted:
+        """Extraction (one forward pass per input size) and global search of one batch."""
+        generation = self.current
+        start = time.perf_counter()
+        feats = [None] * len(batch)
         by_shape: dict[tuple, list[int]] = collections.defaultdict(list)
-        for i, x in enumerate(inputs):
-            by_shape[tuple(x.shape)].append(i)
+        for i, job in enumerate(batch):
+            by_shape[tuple(job.input.shape)].append(i)
         with torch.inference_mode():
             for idx in by_shape.values():
-                x = torch.stack([inputs[i] for i in idx]).to(self.extractor.device)
+                x = torch.stack([batch[i].input for i in idx]).to(self.extractor.device)
                 for i, f in zip(idx, self.extractor.extract_batch(x)):
                     feats[i] = f
         queries = Queries(
@@ -302,8 +376,20 @@ class SearchService:
             local_rows=np.stack([f.local.to_rows() for f in feats]),
         )
         extracted = time.perf_counter()
-        shortlist = first_stage(handle, queries, self.pipeline.search.topk)
-        searched = time.perf_counter()
+        shortlist = first_stage(generation.handle, queries, self.pipeline.search.topk)
+        return Extracted(
+            generation, batch, queries, shortlist, start, extracted, time.perf_counter()
+        )
+
+    def _rerank(self, batch: Extracted) -> None:
+        """Each chain on its queries of ``batch``, then one reply per job."""
+        generation, jobs, queries, shortlist = (
+            batch.generation,
+            batch.jobs,
+            batch.queries,
+            batch.shortlist,
+        )
+        names = generation.handle.names
         by_chain: dict[str, list[int]] = collections.defaultdict(list)
         for i, job in enumerate(jobs):
             by_chain[job.chain].append(i)
@@ -313,7 +399,7 @@ class SearchService:
             sub_list = dataclasses.replace(
                 shortlist, ids=shortlist.ids[idx], sims=shortlist.sims[idx]
             )
-            final, _ = self.chains[name].run(sub_queries, sub_list, handle.database)
+            final, _ = self.chains[name].run(sub_queries, sub_list, generation.handle.database)
             boxes = [jobs[i].box for i in idx]
             results = to_results(["upload"] * len(idx), boxes, sub_list, final)
             rerank_ms = (time.perf_counter() - chain_start) * 1000.0
@@ -321,7 +407,6 @@ class SearchService:
                 idx, results, sub_list.ids, sub_list.sims
             ):
                 job = jobs[i]
-                names = handle.names
                 k = job.topk
                 job.reply(
                     {
@@ -349,24 +434,26 @@ class SearchService:
                             for r, (j, s) in enumerate(zip(before_ids[:k], before_sims[:k]))
                         ],
                         "timings_ms": {
-                            "queue": round((start - job.queued) * 1000.0, 2),
-                            "extract": round((extracted - start) * 1000.0, 2),
-                            "search": round((searched - extracted) * 1000.0, 2),
+                            "queue": ms(job.queued, batch.started),
+                            "extract": ms(batch.started, batch.extracted),
+                            "search": ms(batch.extracted, batch.searched),
+                            "handoff": ms(batch.searched, chain_start),
                             "rerank": round(rerank_ms, 2),
                         },
-                        "batch_size": len(batch),
+                        "batch_size": len(jobs),
                     }
                 )
 
     # -- index generations --------------------------------------------------------------------
     def _swap(self) -> None:
-        """Put a pending generation in place (worker thread only, between batches)."""
+        """Put a pending generation in place (extract thread only, between batches); the old
+        one goes down the pipeline behind its last batch and is closed by the rerank thread."""
         with self._lock:
             pending, self._pending = self._pending, None
         if pending is None:
             return
         old, self.current = self.current, pending
-        old.handle.close()
+        self._handoff.put(old)
         logger.info(
             "index generation %d: %d images (was %d)",
             pending.number,
@@ -444,5 +531,6 @@ class SearchService:
             "batching": {
                 "max_batch": self.config.max_batch,
                 "max_wait_ms": self.config.max_wait_ms,
+                "threads": self.config.threads,
             },
         }

@@ -13,6 +13,7 @@ import fcntl
 import io
 import shutil
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -29,6 +30,7 @@ from locore.engine.pipeline import INDEX_SUBDIR, LOCK_FILE, build_index, open_in
 from locore.feature_extractors.io import load_image
 from locore.serve import serve_config
 from locore.serve.app import create_app
+from locore.serve.refusals import RefusalBudget, retry_after
 from locore.serve.service import Job, SearchService, ServeConfig
 
 SPEC = DemoSpec(easy=1, hard=1, junk=0, queries=1, train_views=1, distractors=2)
@@ -54,7 +56,9 @@ def demo(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def service(demo):
-    svc = SearchService(demo[2], [], ServeConfig(max_upload_bytes=2**20, reload_interval_s=60))
+    # the bad-input tests send one refused request after another from one client
+    config = ServeConfig(max_upload_bytes=2**20, reload_interval_s=60, refusals_burst=10_000)
+    svc = SearchService(demo[2], [], config)
     svc.start()
     yield svc
     svc.close()
@@ -120,11 +124,16 @@ def test_chain_none_keeps_the_global_order_and_top_k(demo, client):
     assert [r["id"] for r in reply["results"]] == [r["id"] for r in reply["before"]]
 
 
-def test_a_batch_answers_like_single_queries(demo, service):
-    """Queued together, queries run as one batch and each gets its own unbatched answer."""
+@pytest.mark.parametrize("max_batch, threads", [(4, 1), (1, 2)], ids=["one batch", "pipelined"])
+def test_a_batch_answers_like_single_queries(demo, service, max_batch, threads):
+    """Queued together, queries run as one batch (or as batches of one, extracted while the
+    previous one is re-ranked) and each gets its own unbatched answer."""
     collection, _, index_dir, _, _ = demo
     cases = queries(collection)[:4]
-    svc = SearchService(index_dir, [], ServeConfig(queue_size=len(cases), reload_interval_s=60))
+    config = ServeConfig(
+        queue_size=len(cases), max_batch=max_batch, threads=threads, reload_interval_s=60
+    )
+    svc = SearchService(index_dir, [], config)
     replies: dict[int, dict] = {}
     done = threading.Event()
 
@@ -138,7 +147,7 @@ def test_a_batch_answers_like_single_queries(demo, service):
 
     try:
         for i, (path, box) in enumerate(cases):  # queued before the worker starts
-            svc.submit(Job(load_image(path), box, "default", 100, reply_to(i)))
+            svc.submit(Job(svc.prepare(load_image(path), box), box, "default", 100, reply_to(i)))
         client = TestClient(create_app(svc))
         full = post(client, cases[0][0].read_bytes())
         assert full.status_code == 503 and full.headers["retry-after"] == "1"
@@ -150,7 +159,7 @@ def test_a_batch_answers_like_single_queries(demo, service):
     for i, (path, box) in enumerate(cases):
         want, _ = expected(index_dir, path, box)
         got = replies[i]
-        assert got["batch_size"] == len(cases)
+        assert got["batch_size"] == max_batch
         assert [r["id"] for r in got["results"]] == [int(j) for j in want.ids]
         np.testing.assert_allclose(
             [r["score"] for r in got["results"]], want.scores, rtol=1e-5, atol=1e-6
@@ -191,6 +200,43 @@ def test_bad_input_is_a_4xx_naming_the_problem(demo, client, case):
     assert response.status_code == status, response.text
     assert words in response.json()["error"]
     assert post(client, good).status_code == 200  # the server keeps serving
+
+
+def test_refusal_budget_refills_and_counts_refusals_only():
+    now = [0.0]
+    budget = RefusalBudget(burst=2, per_s=0.5, clock=lambda: now[0])
+    for status in (200, 404, 429, 503):
+        budget.charge("a", status)
+    assert budget.wait("a") == 0.0
+    budget.charge("a", 422)
+    budget.charge("a", 401)
+    assert budget.wait("a") == pytest.approx(2.0) and budget.wait("b") == 0.0
+    now[0] = 1.0
+    assert budget.wait("a") == pytest.approx(1.0)
+    now[0] = 2.0
+    assert budget.wait("a") == 0.0
+    budget.charge("a", 415)
+    assert budget.wait("a") == pytest.approx(2.0)  # one token back, spent again
+    assert retry_after(0.05) == "1" and retry_after(2.0) == "2"
+
+
+def test_a_client_sending_junk_gets_429_and_others_are_served(demo, service, monkeypatch):
+    """Past its allowance a client is answered 429 with Retry-After (after that wait) before
+    its upload is read; another client, from the same address, is served as before."""
+    config = dataclasses.replace(service.config, refusals_burst=2, refusals_per_s=20.0)
+    monkeypatch.setattr(service, "config", config)
+    app = create_app(service)
+    junk = TestClient(app, client=("127.0.0.1", 40001))
+    other = TestClient(app, client=("127.0.0.1", 40002))
+    good = queries(demo[0])[0][0].read_bytes()
+    assert [post(junk, b"").status_code for _ in range(2)] == [400, 400]
+    refused = post(junk, good)
+    assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
+    assert "too many refused requests" in refused.json()["error"]
+    assert post(other, good).status_code == 200
+    assert junk.get("/healthz").status_code == 200  # liveness is never held back
+    time.sleep(0.1)  # two tokens back at 20 a second
+    assert post(junk, good).status_code == 200
 
 
 def test_missing_image_field_and_oversized_body(client, service):
@@ -258,6 +304,7 @@ def test_non_loopback_needs_a_token(monkeypatch):
         max_batch=8,
         max_wait_ms=2.0,
         queue_size=64,
+        threads=1,
     )
     monkeypatch.delenv("LOCORE_SERVE_TOKEN", raising=False)
     with pytest.raises(UserError, match="token"):

@@ -9,13 +9,18 @@ their boxes. Two phases, each bounded by ``--duration`` seconds and ``--max-requ
                  (empty, not an image, truncated, 50 megapixels, a decompression bomb, an invalid
                  box, an unknown chain): good requests must all answer 200, bad ones a 4xx
 
-Errors: a good request answered with anything but 200, a bad one with anything but a 4xx, or
-any connection failure. The server must still answer ``/healthz`` at the end (no crash).
+Errors: a good request answered with anything but 200, a bad one with anything but a 4xx (a 429
+once a junk client has spent its allowance of refusals), or any connection failure. The server
+must still answer ``/healthz`` at the end (no crash). Each phase also records the server's own
+stage times averaged over the good answers (``mean_server_ms``) and the CPU cores the server
+process got (``server_cpu_cores``): a scheduler that shares the cores between the sessions of a
+machine caps that, and with it what overlapping extraction and re-ranking can gain.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import http.client
 import io
@@ -112,6 +117,7 @@ class Tally:
     """What the clients of one phase saw."""
 
     latencies_ms: list[float] = dataclasses.field(default_factory=list)  # good requests
+    stage_ms: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # sums
     done_at: list[float] = dataclasses.field(default_factory=list)  # their completion times
     good: int = 0
     bad: int = 0
@@ -124,6 +130,8 @@ class Tally:
         lat = np.asarray(self.latencies_ms)
         pct = {f"p{p}_ms": round(float(np.percentile(lat, p)), 1) for p in (50, 95, 99)}
         in_window = sum(start <= t <= stop for t in self.done_at)
+        answered = max(len(self.latencies_ms), 1)
+        stages = {k: round(v / answered, 1) for k, v in sorted(self.stage_ms.items())}
         return {
             "good_requests": self.good,
             "bad_requests": self.bad,
@@ -132,6 +140,7 @@ class Tally:
             "seconds": round(stop - start, 1),
             "throughput_qps": round(in_window / (stop - start), 2),
             **(pct if lat.size else {}),
+            "mean_server_ms": stages,  # the server's own timings_ms, averaged over good answers
         }
 
 
@@ -158,6 +167,7 @@ def client(port: int, plan: list[Request], tally: Tally, stop: threading.Event, 
             if req.good and ok:
                 tally.latencies_ms.append(elapsed)
                 tally.done_at.append(time.perf_counter())
+                tally.stage_ms.update(json.loads(payload)["timings_ms"])
             tally.good += req.good
             tally.bad += not req.good
             if not ok:
@@ -186,6 +196,21 @@ def phase(port: int, plans: list[list[Request]], duration: float, max_requests: 
     for t in threads:
         t.join()
     return tally.summary(start, end)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid``, all its threads (Linux ``/proc``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measured_phase(server: subprocess.Popen, port: int, plans, duration, max_requests) -> dict:
+    """:func:`phase`, plus the cores the server process got meanwhile: on a machine shared with
+    other jobs this bounds what running stages side by side can gain."""
+    cpu, wall = cpu_seconds(server.pid), time.perf_counter()
+    summary = phase(port, plans, duration, max_requests)
+    cores = (cpu_seconds(server.pid) - cpu) / (time.perf_counter() - wall)
+    return {**summary, "server_cpu_cores": round(cores, 2)}
 
 
 def get_json(port: int, path: str) -> dict:
@@ -251,15 +276,16 @@ def run(args: argparse.Namespace) -> int:
     good, bad = requests_for(collection)
     port = free_port()
     server = start_server(index, port, args.serve_args.split())
+    load_before = [round(v, 1) for v in os.getloadavg()]
     try:
         phase(port, [good], 10.0, 2 * len(good))  # warm-up: every query once or twice
-        single = phase(port, [good], args.single_duration, args.max_requests)
+        single = measured_phase(server, port, [good], args.single_duration, args.max_requests)
         print(f"1 client : {json.dumps(single)}")
         n_bad = round(args.clients * args.bad_share)
         # each good client starts at another query, so a batch mixes input sizes as in real use
         turns = [good[i % len(good) :] + good[: i % len(good)] for i in range(args.clients - n_bad)]
         plans = [bad] * n_bad + turns
-        many = phase(port, plans, args.duration, args.max_requests)
+        many = measured_phase(server, port, plans, args.duration, args.max_requests)
         print(f"{args.clients} clients: {json.dumps(many)}")
         alive = get_json(port, "/healthz").get("status") == "ok"
         stats = get_json(port, "/stats")
@@ -270,7 +296,9 @@ def run(args: argparse.Namespace) -> int:
     record = {
         "command": " ".join(["locore bench serve", *sys.argv[3:]]),
         "cpus": os.cpu_count(),
-        "load_average": [round(v, 1) for v in os.getloadavg()],  # other jobs on the machine
+        # 1/5/15-minute load averages before and after the phases (other jobs on the machine)
+        "load_average_before": load_before,
+        "load_average": [round(v, 1) for v in os.getloadavg()],
         "clients": args.clients,
         "bad_clients": n_bad,
         "one_client": single,
