@@ -29,6 +29,7 @@ import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import h5py
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -42,7 +43,7 @@ from locore.core.atomic import (
     write_text,
 )
 from locore.core.errors import UserError
-from locore.core.layout import GLOBAL_FILE, LOCAL_FILE
+from locore.core.layout import GLOBAL_FILE, LOCAL_FILE, NUM_META
 from locore.feature_extractors.base import Extractor, ImageFeatures
 from locore.feature_extractors.io import load_image
 from locore.indexing.local_store import LocalStore, LocalStoreWriter, copy_rows
@@ -53,6 +54,7 @@ logger = logging.getLogger(__name__)
 SKIPPED_FILE = "skipped.tsv"
 SWAP_FILE = "swap.json"  # journal of a prune's renames: {temporary name: final name}
 PRUNE_ROWS = 65_536  # global rows copied at once by prune
+EXPORT_IMAGES = 4096  # images written at once by export_official
 
 
 @dataclasses.dataclass(frozen=True)
@@ -277,10 +279,11 @@ def export_official(out_dir: Path, order: Sequence[str], dest: Path, prefix: str
 
     ``<prefix>_local.hdf5``: dataset ``features`` float32 ``[N, K, 5 + D]`` (flat layout);
     ``<prefix>_global.pt``: raw float32 ``[N, D]`` (reference-spec §1.3-1.4), so features can be
-    compared with official files byte for byte.
+    compared with official files. Values are exactly the stored ones: a float32 store exports
+    the extractor's output bit for bit; the float16 default exports its rounding (within one
+    float16 step, ``locore bench precision``), not the float32 an official run would write.
+    Written ``EXPORT_IMAGES`` at a time, so a 1M-image store is never held in memory.
     """
-    import h5py
-
     out_dir, dest = Path(out_dir), Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     with LocalStore(out_dir / LOCAL_FILE) as store:
@@ -290,8 +293,13 @@ def export_official(out_dir: Path, order: Sequence[str], dest: Path, prefix: str
             raise UserError(f"{missing[0]!r} is not in {out_dir}; extract it before exporting")
         ids = np.array([position[n] for n in order], dtype=np.int64)
         local_path = dest / f"{prefix}_local.hdf5"
+        shape = (len(ids), store.num_local, NUM_META + store.dim)
         with atomic_open(local_path, "w+b") as raw, h5py.File(raw, "w") as f:
-            f.create_dataset("features", data=store.rows(ids), dtype="float32")
+            features = f.create_dataset("features", shape=shape, dtype="float32")
+            for start in range(0, len(ids), EXPORT_IMAGES):
+                features[start : start + EXPORT_IMAGES] = store.rows(
+                    ids[start : start + EXPORT_IMAGES]
+                )
         dim = os.path.getsize(out_dir / GLOBAL_FILE) // (4 * max(len(store), 1))
         globals_ = read_raw_globals(out_dir / GLOBAL_FILE, dim, len(store), prefix=True)
     global_path = dest / f"{prefix}_global.pt"

@@ -10,6 +10,7 @@ from skimage import data
 
 from locore.cli import main
 from locore.core.layout import GLOBAL_FILE
+from locore.engine import extract as extract_module
 from locore.engine.extract import (
     Item,
     export_official,
@@ -87,7 +88,7 @@ def test_shards_cover_the_list_in_order():
     assert sum(parts, []) == items and all(parts)
 
 
-def test_official_export_and_cli(tmp_path, capsys):
+def test_official_export_and_cli(tmp_path, capsys, monkeypatch):
     paths = _images(tmp_path / "img")
     assert (
         main(
@@ -115,3 +116,10 @@ def test_official_export_and_cli(tmp_path, capsys):
         np.testing.assert_array_equal(store.rows([i])[0], flat[3])
     paths2 = export_official(tmp_path / "o", [paths[1].name], tmp_path / "x", "one")
     assert all(p.is_file() for p in paths2)
+    # written in blocks: every row of every block lands where the list puts it
+    monkeypatch.setattr(extract_module, "EXPORT_IMAGES", 2)
+    order = [p.name for p in reversed(paths)]
+    local, _ = export_official(tmp_path / "o", order, tmp_path / "blocks", "rev")
+    with h5py.File(local) as f, LocalStore(tmp_path / "o" / "local.h5") as store:
+        ids = [store.names.index(n) for n in order]
+        np.testing.assert_array_equal(f["features"][:], store.rows(ids))
