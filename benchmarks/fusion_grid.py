@@ -43,7 +43,7 @@ from locore.benchmarks.collection import Collection
 from locore.benchmarks.protocols import FULL_RULE, SHORTLIST_RULE, compare
 from locore.benchmarks.settings import Settings, array_digest, cached_stage
 from locore.core.errors import UserError
-from locore.engine.evaluate import CSV_COMPARISON, shortlist_ranks
+from locore.engine.evaluate import CSV_COMPARISON
 from locore.engine.metrics import (
     GLDV2_DEPTH,
     GLDV2_PUBLIC,
@@ -372,21 +372,21 @@ def objective_of(metric: str, split: str | None = None) -> str:
     return "mean_mh"
 
 
-def _base_ranks(cache: FusionCache) -> np.ndarray:
-    """``[n_ranked, Q]`` evaluation ranking of the incoming order; its first ``lengths[q]`` rows
-    are the window's ids in incoming order (they precede any -1, so no shift). A full-database
-    ranking holds -1 past the cached ids except where a labelled id sits (``rest_pos``): the
-    only entries an AP sees."""
-    if cache.metric == "gldv2":
-        return np.ascontiguousarray(cache.ids.T)
-    head = shortlist_ranks(cache.ids, np.arange(cache.num_db))
-    if cache.shortlist_only:
-        return head
-    ranks = np.full((max(cache.num_db, len(head)), len(cache.ids)), -1, dtype=np.int64)
-    ranks[: len(head)] = head
-    q, t = np.nonzero(cache.rest_ids >= 0)
-    ranks[cache.rest_pos[q, t], q] = cache.rest_ids[q, t]
-    return ranks
+def _placements(cache: FusionCache, ids: np.ndarray) -> Placements:
+    """Where each query's labelled images sit in the evaluation ranking of the cached list
+    ``ids`` ``[Q, M]`` (ground-truth ids in a cell's order, -1 = none): inside the list at their
+    position among its valid ids; past it (full-database rankings) where the cache recorded them
+    (``rest_ids``/``rest_pos``), so a cell never builds a 1M-long ranking."""
+    wanted = labelled(cache.gnd)
+    out_ids, out_pos = [], []
+    for q, row in enumerate(ids):
+        head = row[row >= 0]
+        where = np.flatnonzero(np.isin(head, wanted[q]))
+        rest = cache.rest_ids[q] >= 0 if cache.rest_ids.size else np.zeros(0, dtype=bool)
+        out_ids.append(np.concatenate([head[where], cache.rest_ids[q][rest]]))
+        out_pos.append(np.concatenate([where, cache.rest_pos[q][rest]]))
+    length = ids.shape[1] if cache.shortlist_only else max(cache.num_db, ids.shape[1])
+    return Placements(out_ids, out_pos, length)
 
 
 def _ranking(cache: FusionCache) -> str:
@@ -402,30 +402,28 @@ def _ranking(cache: FusionCache) -> str:
     return f"full database ({cache.num_db:,} images), {FULL_RULE}"
 
 
-def _evaluate(cache: FusionCache, ranks: np.ndarray) -> tuple[dict[str, float], dict]:
-    """``(metrics %, per-query APs)``: the APs (fractions) per comparable metric (Revisited:
-    medium, hard; GLDv2: each split's queries). GLDv2 windows shorter than 100 are scored as
-    they are (the depth is in :func:`_ranking`)."""
+def _evaluate(cache: FusionCache, ids: np.ndarray) -> tuple[dict[str, float], dict]:
+    """``(metrics %, per-query APs)`` of the cached list in the order ``ids`` ``[Q, M]``: the
+    APs (fractions) per comparable metric (Revisited: medium, hard; GLDv2: each split's
+    queries). GLDv2 windows shorter than 100 are scored as they are (the depth is in
+    :func:`_ranking`)."""
     if cache.metric == "gldv2":
         n_public = min(cache.n_public, len(cache.gnd))
+        ranks = np.ascontiguousarray(ids.T)
         out = gldv2_map_at_100(ranks, cache.gnd, n_public=n_public, shallow_ok=True)
         aps = out["aps"]
         parts = {"public": aps[:n_public], "private": aps[n_public:], "combined": aps}
         return {k: out[k] for k in SPLITS}, parts
-    out = evaluate_revisited(ranks, cache.gnd, shortlist_only=cache.shortlist_only)
+    placed = _placements(cache, ids)
+    out = evaluate_revisited(placed, cache.gnd, shortlist_only=cache.shortlist_only)
     medium, hard = out["medium"]["map"], out["hard"]["map"]
     aps = {"medium": out["medium"]["aps"], "hard": out["hard"]["aps"]}
     return {"medium": medium, "hard": hard, "mean_mh": (medium + hard) / 2}, aps
 
 
-def _cell(
-    cache: FusionCache, ranks: np.ndarray, head: np.ndarray, alpha: float, temp: float
-) -> tuple[dict[str, float], dict]:
-    """:func:`_evaluate` of one cell: ``ranks``' window rows (``head``, ``[Q, W]`` window ids in
-    incoming order) rewritten in the fused order, in place."""
-    order = window_order(cache, alpha, temp)
-    ranks[: head.shape[1]] = np.take_along_axis(head, order, 1).T
-    return _evaluate(cache, ranks)
+def _cell(cache: FusionCache, alpha: float, temp: float) -> tuple[dict[str, float], dict]:
+    """:func:`_evaluate` of one cell: the cached list in its fused order."""
+    return _evaluate(cache, fused_ids(cache, alpha, temp))
 
 
 def window_order(cache: FusionCache, alpha: float, temp: float) -> np.ndarray:
@@ -453,8 +451,9 @@ def grid_search(
 ) -> GridResult:
     """Evaluate single-window fusion for every (α, τ); pure apart from a progress bar.
 
-    Only the window's rows of the evaluation ranking change between cells (the window's id set
-    is fixed), so the full ranking is built once and its head rewritten per cell.
+    Only the window's order changes between cells (its id set is fixed); labelled images past
+    it keep the positions the cache recorded, so a cell costs O(window) per query at any
+    database size.
 
     Args:
         cache: incoming ranking, logits and ground truth (:class:`FusionCache`).
@@ -468,12 +467,10 @@ def grid_search(
     if bad:
         raise UserError(f"fusion alpha {bad[0]} must lie in [0, 1]")
     objective = objective_of(cache.metric, split)
-    ranks = _base_ranks(cache)
-    head = ranks[: cache.logits.shape[1]].T.copy()  # [Q, W] window ids in incoming order
     values = {k: np.full((len(alphas), len(temps)), np.nan) for k in METRICS[cache.metric]}
     cells = [(i, j) for i in range(len(alphas)) for j in range(len(temps))]
     for i, j in tqdm(cells, desc="fusion grid", unit="cell", leave=False, disable=None):
-        for name, value in _cell(cache, ranks, head, alphas[i], temps[j])[0].items():
+        for name, value in _cell(cache, alphas[i], temps[j])[0].items():
             values[name][i, j] = value
     return GridResult(alphas, temps, values, objective, _ranking(cache))
 
@@ -483,10 +480,8 @@ def compare_with_default(
 ) -> dict[str, Comparison]:
     """The best cell against ``default`` (α, τ), per metric (Revisited: medium, hard; GLDv2:
     each split), from the per-query APs of both in mAP points (best minus default)."""
-    ranks = _base_ranks(cache)
-    head = ranks[: cache.logits.shape[1]].T.copy()
-    _, before = _cell(cache, ranks, head, *default)
-    _, after = _cell(cache, ranks, head, *result.best)
+    _, before = _cell(cache, *default)
+    _, after = _cell(cache, *result.best)
     return {k: compare(before[k], after[k]) for k in before}
 
 
