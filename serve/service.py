@@ -70,7 +70,7 @@ DEFAULT_CHAIN = "default"  # the configured chain (``search.rerank``)
 
 @dataclasses.dataclass(frozen=True)
 class ServeConfig:
-    """How ``locore serve`` runs (command-line flags of the same names)."""
+    """How ``locore serve`` runs (command-line flags of the same names, where there is one)."""
 
     host: str = "127.0.0.1"  # loopback by default; any other address requires a token
     port: int = 8000
