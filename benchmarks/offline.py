@@ -1,5 +1,8 @@
 """``locore bench offline``: the offline re-ranking chains on the demo collection and on a held-out
 collection of photos the demo never uses (``benchmarks/datasets/heldout.py``), in one table.
+A third collection, ``validation`` (``benchmarks/datasets/offline_train.py``), is built from the
+offline re-ranker's validation photos: with ``--save-logits`` its LoCoRe window logits are cached
+for ``locore bench fusion-grid``, which chooses the fusion stored with the checkpoint.
 
 Each collection is indexed once with the pipeline config (``--config``, default ``demo``); every
 chain is then evaluated on the same index through ``engine.evaluate.evaluate_index`` (full-database
@@ -19,14 +22,25 @@ import json
 import logging
 from pathlib import Path
 
-from locore.benchmarks.datasets import demo, heldout
+import numpy as np
+
+from locore.benchmarks.datasets import demo, heldout, offline_train
+from locore.benchmarks.fusion_grid import CACHE_FILE, METRICS_GND, FusionCache, labelled_rest
 from locore.core import config as cfg
 from locore.core.atomic import write_text
 from locore.core.errors import UserError
 from locore.engine.config import PipelineConfig, StageConfig
-from locore.engine.evaluate import evaluate_index
-from locore.engine.metrics import PROTOCOLS
-from locore.engine.pipeline import build_index, open_index
+from locore.engine.evaluate import GlobalOrder, evaluate_index, index_to_imlist, load_gnd
+from locore.engine.metrics import PROTOCOLS, labelled
+from locore.engine.pipeline import (
+    IndexHandle,
+    build_extractor,
+    build_index,
+    extract_queries,
+    first_stage,
+    open_index,
+)
+from locore.rerank.chain import build_stage
 
 logger = logging.getLogger(__name__)
 
@@ -38,14 +52,14 @@ CHAINS = {
     "spatial": ("spatial",),
     "spatial+locore": ("spatial", "locore"),
 }
-COLLECTIONS = ("demo", "heldout")
+COLLECTIONS = ("demo", "heldout", "validation")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("runs/offline"), help="output folder")
     p.add_argument("--seed", type=int, default=0, help="seed of both generated collections")
     p.add_argument(
-        "--collections", nargs="+", choices=COLLECTIONS, default=list(COLLECTIONS), help="which"
+        "--collections", nargs="+", choices=COLLECTIONS, default=["demo", "heldout"], help="which"
     )
     p.add_argument(
         "--chains", nargs="+", choices=list(CHAINS), default=list(CHAINS), help="re-ranked rows"
@@ -57,12 +71,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--distractors", type=int, default=spec.distractors, help="held-out texture distractors"
     )
+    p.add_argument(
+        "--save-logits",
+        action="store_true",
+        help="cache the locore stage's window logits per collection for `bench fusion-grid`",
+    )
 
 
 def collection(name: str, root: Path, seed: int, spec: heldout.HeldoutSpec) -> tuple[Path, Path]:
     """Generate (cached) the collection ``name``; returns its folder and gnd pickle."""
     if name == "demo":
         return demo.generate(root, demo.DemoSpec(seed=seed)), root / "gnd_demo.pkl"
+    if name == "validation":
+        validation = offline_train.OfflineTrainSpec(seed=seed)
+        return offline_train.validation_collection(root, validation), root / "gnd_validation.pkl"
     spec = dataclasses.replace(spec, seed=seed)
     return heldout.generate(root, spec), root / "gnd_heldout.pkl"
 
@@ -85,14 +107,20 @@ def evaluate_chains(
     config: PipelineConfig,
     chains: list[str],
     spec: heldout.HeldoutSpec,
+    save_logits: bool = False,
 ) -> dict[str, dict[str, float]]:
     """``{row: {protocol: mAP}}`` for the global ranking and each chain on collection ``name``
-    (``spec``: the held-out collection's sizes)."""
+    (``spec``: the held-out collection's sizes); ``save_logits``: also cache the LoCoRe window
+    logits in ``out/name`` (:func:`save_window_logits`)."""
     root, gnd = collection(name, out / name / "collection", seed, spec)
     build_index(root / "jpg", out / name / "index", config)
     handle = open_index(out / name / "index")
     rows: dict[str, dict[str, float]] = {}
     try:
+        if save_logits:
+            (stage,) = chain_stages("locore", config)
+            path = out / name / CACHE_FILE.format(setup="hard")
+            save_window_logits(handle, gnd, root / "queries", stage, path, name)
         for chain in chains:
             search = dataclasses.replace(config.search, rerank=chain_stages(chain, config))
             chained = dataclasses.replace(
@@ -105,6 +133,50 @@ def evaluate_chains(
     finally:
         handle.close()
     return rows
+
+
+def save_window_logits(
+    handle: IndexHandle,
+    gnd_path: Path,
+    queries_dir: Path,
+    stage: StageConfig,
+    path: Path,
+    name: str,
+) -> Path:
+    """Cache ``stage``'s logits of the leading window of every query's global ranking
+    (:class:`~locore.benchmarks.fusion_grid.FusionCache`), the input of ``locore bench
+    fusion-grid``: the chain ``locore`` as ``evaluate_index`` runs it (no junk partition), one
+    window at the top, images past it placed in the full-database global order."""
+    gt = load_gnd(gnd_path)
+    num_db = len(gt["imlist"])
+    to_eval = index_to_imlist(handle.names, gt["imlist"], gnd_path)
+    paths = [Path(queries_dir) / f"{query}.jpg" for query in gt["qimlist"]]
+    extractor = build_extractor(handle.config.extractor)
+    queries = extract_queries(extractor, paths, [g["bbx"] for g in gt["gnd"]])
+    shortlist = first_stage(handle, queries, handle.config.search.topk)
+    window = build_stage(stage).window_logits(queries, shortlist, handle.database)
+    eval_ids = np.where(window.ids >= 0, to_eval[np.maximum(window.ids, 0)], -1)
+    order = GlobalOrder(queries.global_desc, handle.database.global_desc, to_eval, num_db)
+    placed = order.place(window.ids, labelled(gt["gnd"]))
+    rest_ids, rest_pos = labelled_rest(placed, (eval_ids >= 0).sum(axis=1))
+    fields = METRICS_GND["revisited"]
+    return FusionCache(
+        ids=eval_ids,
+        sims=window.sims,
+        logits=window.logits,
+        lengths=window.lengths,
+        gnd=[{k: [int(i) for i in g.get(k, [])] for k in fields} for g in gt["gnd"]],
+        num_db=num_db,
+        info={
+            "dataset": name,
+            "setup": "hard",
+            "chain": ["locore"],
+            "stage": stage.name,
+            "options": dict(stage.options),
+        },
+        rest_ids=rest_ids,
+        rest_pos=rest_pos,
+    ).save(path)
 
 
 def format_table(results: dict[str, dict[str, dict[str, float]]]) -> str:
@@ -125,7 +197,7 @@ def run(args: argparse.Namespace) -> int:
     out: Path = args.out
     spec = heldout.HeldoutSpec(subjects=args.subjects, distractors=args.distractors)
     results = {
-        name: evaluate_chains(name, out, args.seed, config, args.chains, spec)
+        name: evaluate_chains(name, out, args.seed, config, args.chains, spec, args.save_logits)
         for name in args.collections
     }
     table = format_table(results)
@@ -144,4 +216,7 @@ def run(args: argparse.Namespace) -> int:
             writer.writerow([name, chain, *(f"{maps[p]:.2f}" for p in PROTOCOLS), f"{delta:.2f}"])
     write_text(out / "offline.csv", text.getvalue())
     print(f"-> {out / 'offline.json'}, {out / 'offline.csv'}")
+    if args.save_logits:
+        cache = CACHE_FILE.format(setup="hard")
+        print(f"window logits -> {out}/<collection>/{cache} (locore bench fusion-grid --cache)")
     return 0

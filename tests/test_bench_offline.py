@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 
 import cv2
 import numpy as np
 import pytest
 
-from locore.benchmarks import offline
+from locore.benchmarks import fusion_grid, offline
 from locore.benchmarks.datasets import demo, heldout
 from locore.core import config as cfg
 from locore.core.errors import UserError
@@ -96,6 +97,7 @@ def test_run_writes_one_consistent_table(tmp_path, capsys):
         chains=["spatial", "superglobal"],
         subjects=3,
         distractors=2,
+        save_logits=False,
     )
     assert offline.run(args) == 0
     printed = capsys.readouterr().out
@@ -111,3 +113,22 @@ def test_run_writes_one_consistent_table(tmp_path, capsys):
     for row in rows:
         assert float(row["medium"]) == pytest.approx(results[row["chain"]]["medium"], abs=0.005)
         assert f"{results[row['chain']]['medium']:8.2f}" in printed
+
+
+def test_saved_logits_replay_the_single_window_locore_chain(tmp_path):
+    """``--save-logits`` caches what ``bench fusion-grid`` replays: its cell at the stage's
+    (alpha, temp) is the mAP of the one-window locore chain, alpha = 1 the global ranking's."""
+    config = cfg.load(PipelineConfig, "demo", ["extractor.options.imsize=192"])
+    (stage,) = offline.chain_stages("locore", config)
+    options = {**stage.options, "sliding": None, "alpha": 0.3, "temp": 0.7}
+    search = dataclasses.replace(config.search, rerank=(StageConfig("locore", options),))
+    config = dataclasses.replace(config, search=search)
+    spec = heldout.HeldoutSpec(subjects=3, distractors=2)
+    rows = offline.evaluate_chains("heldout", tmp_path, 0, config, ["locore"], spec, True)
+    cache = fusion_grid.FusionCache.load(tmp_path / "heldout" / "fusion_logits_hard.npz")
+    assert cache.info["options"] == options and len(cache.ids) == 3
+    grid = fusion_grid.grid_search(cache, (0.3, 1.0), (0.7,))
+    assert rows["locore"] != rows["global"]  # the model moved something
+    for protocol in ("medium", "hard"):
+        assert grid.at(0.3, 0.7)[protocol] == pytest.approx(rows["locore"][protocol], abs=1e-9)
+        assert grid.at(1.0, 0.7)[protocol] == pytest.approx(rows["global"][protocol], abs=1e-9)

@@ -15,7 +15,13 @@ from locore.core import config as cfg
 from locore.core.errors import UserError
 from locore.rerank.locore.model import LocoreModel, build_model
 from locore.rerank.train.data import DataConfig, ListDataset
-from locore.rerank.train.loop import TrainConfig, enable_gradient_checkpointing, read_log, train
+from locore.rerank.train.loop import (
+    TrainConfig,
+    enable_gradient_checkpointing,
+    read_log,
+    train,
+    validate,
+)
 
 SMALL = {"num_layers": 1, "dropout": 0.0}
 
@@ -128,3 +134,21 @@ def test_presets_and_cli(tmp_path, capsys):
     assert cli.main(args) == 0
     assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "train_config.yaml").is_file()
     assert len(read_log(tmp_path)) == 1  # log_every 5 > 2 steps: only the final row
+
+
+def test_validation_lists_are_scored_at_every_checkpoint(features, tmp_path):
+    """The logged validation numbers are those of the checkpoint saved at that step, on the
+    same lists every time (dropout off), and appear only at checkpoints."""
+    held_out = DataConfig(
+        features=str(features), labels=str(features / "labels.txt"), list_length=6, num_local=K
+    )
+    config = _config(features, tmp_path / "run", 4, validation=held_out, model_overrides=SMALL)
+    log = read_log(train(config))
+    assert ["val/loss" in r for r in log] == [False, True, False, True]
+    lists = ListDataset(held_out, config.seed)
+    for row in log[1::2]:
+        model = LocoreModel.from_pretrained(tmp_path / "run" / f"checkpoint-{row['step']}")
+        again = validate(model, lists, batch_size=5, device="cpu")  # other batches, same lists
+        assert again.keys() == {k for k in row if k.startswith("val/")}
+        for key, value in again.items():
+            assert_close_to_scale(value, row[key], float32_bound(4, 1000), what=key)

@@ -210,39 +210,53 @@ def generate(root: Path, spec: HeldoutSpec = HeldoutSpec()) -> Path:
         logger.info("held-out collection at %s is up to date", root)
         return root
     rng = np.random.default_rng(spec.seed)
-    subjects = SUBJECTS[: spec.subjects]
     loaders = _photos()
-    photos = {name: loaders[name]() for name in subjects}
+    photos = {name: loaders[name]() for name in SUBJECTS[: spec.subjects]}
+    write_collection(root, photos, rng, spec.distractors, "heldout")
+    manifest_path.write_text(json.dumps(manifest))
+    return root
+
+
+def write_collection(
+    root: Path,
+    photos: dict[str, np.ndarray],
+    rng: np.random.Generator,
+    distractors: int,
+    name: str,
+    queries: int = 1,
+) -> None:
+    """Write the views of ``photos`` (subject -> RGB uint8), ``distractors`` textures and
+    ``queries`` hard queries per subject (at most one of each of ``QUERY_KINDS``, cycling)
+    under ``root``, with ``gnd_<name>.pkl`` / ``.json``; all randomness comes from ``rng``."""
     imlist: list[str] = []
     ids: dict[str, dict[str, list[int]]] = {}
-    for subject in subjects:
-        views = database_views(photos[subject], rng)
+    for subject, photo in photos.items():
+        views = database_views(photo, rng)
         ids[subject] = {kind: [] for kind in VIEW_KINDS}
         for kind, names in VIEW_KINDS.items():
             for view in names:
-                name = f"{subject}/{view}"
-                _write(root / "jpg" / f"{name}.jpg", views[view])
+                image = f"{subject}/{view}"
+                _write(root / "jpg" / f"{image}.jpg", views[view])
                 ids[subject][kind].append(len(imlist))
-                imlist.append(name)
-    for i in range(spec.distractors):
-        name = f"distractors/texture{i:03d}"
+                imlist.append(image)
+    for i in range(distractors):
+        image = f"distractors/texture{i:03d}"
         side = int(rng.integers(LONG_SIDE * 2 // 3, LONG_SIDE + 1))
-        _write(root / "jpg" / f"{name}.jpg", texture(rng, side, LONG_SIDE))
-        imlist.append(name)
+        _write(root / "jpg" / f"{image}.jpg", texture(rng, side, LONG_SIDE))
+        imlist.append(image)
     qimlist, gnd = [], []
-    for i, subject in enumerate(subjects):
-        kind = QUERY_KINDS[i % len(QUERY_KINDS)]
-        image, box = hard_query(photos[subject], kind, rng)
-        name = f"query_{subject}_{kind}"
-        _write(root / "queries" / f"{name}.jpg", image)
-        qimlist.append(name)
-        gnd.append({"bbx": box, **{k: list(v) for k, v in ids[subject].items()}})
+    for i, (subject, photo) in enumerate(photos.items()):
+        for j in range(queries):
+            kind = QUERY_KINDS[(i * queries + j) % len(QUERY_KINDS)]
+            image, box = hard_query(photo, kind, rng)
+            query = f"query_{subject}_{kind}"
+            _write(root / "queries" / f"{query}.jpg", image)
+            qimlist.append(query)
+            gnd.append({"bbx": box, **{k: list(v) for k, v in ids[subject].items()}})
     ground_truth = {"imlist": imlist, "qimlist": qimlist, "gnd": gnd}
-    with open(root / "gnd_heldout.pkl", "wb") as f:
+    with open(root / f"gnd_{name}.pkl", "wb") as f:
         pickle.dump(ground_truth, f)
-    (root / "gnd_heldout.json").write_text(json.dumps(ground_truth, indent=1))
-    manifest_path.write_text(json.dumps(manifest))
+    (root / f"gnd_{name}.json").write_text(json.dumps(ground_truth, indent=1))
     logger.info(
-        "held-out collection: %d database, %d queries at %s", len(imlist), len(qimlist), root
+        "%s collection: %d database, %d queries at %s", name, len(imlist), len(qimlist), root
     )
-    return root

@@ -7,6 +7,9 @@ Sources accepted by :func:`load`, tried in this order:
    ``config.json`` that is ours (``model_type: locore``) or an official Longformer one;
 3. a Hugging Face id (``owner/name``), downloaded with ``huggingface_hub`` and read as a folder.
 
+A folder may also hold ``fusion.json``: the fusion weight and temperature chosen for these
+weights on held-out data (``locore bench fusion-grid``), read by :func:`read_fusion`.
+
 The state-dict names of :class:`~locore.rerank.locore.model.LocoreModel` are the official ones
 (reference-spec §4.13), so loading is a strict comparison of names and shapes followed by one
 ``load_state_dict``; any difference is a :class:`~locore.core.errors.UserError` that lists it.
@@ -31,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
+FUSION_NAME = "fusion.json"
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 SHOWN = 6  # names listed per kind of mismatch in one error line
 
@@ -89,6 +93,24 @@ def resolve(name_or_path: str | Path) -> tuple[Path, LocoreConfig | None]:
         f"LoCoRe checkpoint {text!r} not found; pass a .safetensors file, a folder with "
         "model.safetensors, or a Hugging Face id like vislang/locore_dinov2_base"
     )
+
+
+def read_fusion(name_or_path: str | Path) -> dict[str, float]:
+    """``{"alpha", "temp"}`` stored with a checkpoint folder (its ``fusion.json``), or ``{}``
+    when it has none (a bare ``.safetensors`` file never has one)."""
+    if Path(resolve_resource(name_or_path)).is_file():
+        return {}
+    path = resolve(name_or_path)[0].parent / FUSION_NAME
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+        return {"alpha": float(data["alpha"]), "temp": float(data["temp"])}
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(
+            f"{path} holds no numeric 'alpha' and 'temp'; write it from the best.json of "
+            "`locore bench fusion-grid`, or delete it"
+        ) from None
 
 
 def download(repo_id: str) -> Path:

@@ -33,6 +33,7 @@ from locore.core.errors import UserError
 from locore.core.layout import NUM_META
 from locore.rerank.base import Database, LogitReranker, Queries, RerankResult, WindowLogits
 from locore.rerank.inputs import gather_rows, junk_mask
+from locore.rerank.locore.checkpoint import read_fusion
 from locore.rerank.locore.model import MODES, LocoreInputs, LocoreModel
 from locore.rerank.sliding import sliding_rerank, window_starts
 
@@ -267,8 +268,8 @@ def rerank_lengths(ids: np.ndarray, junk: list[set[int]] | None, topk: int) -> n
 
 def locore(
     checkpoint: str = "vislang/locore_dinov2_base",
-    alpha: float = LocoreOptions.alpha,
-    temp: float = LocoreOptions.temp,
+    alpha: float | None = None,
+    temp: float | None = None,
     sliding: str | None = LocoreOptions.sliding,
     topk: int = LocoreOptions.topk,
     window: int = LocoreOptions.window,
@@ -284,18 +285,21 @@ def locore(
 
     Args:
         checkpoint: Hugging Face id, local folder or ``.safetensors`` file.
+        alpha, temp: fusion weight and temperature; None takes the pair stored with the
+            checkpoint (``fusion.json``, chosen on held-out data), else :class:`LocoreOptions`'s.
         device: ``"auto"`` (cuda when available), ``"cpu"``, ``"cuda:1"``, ...
         backend: attention backend, ``"fast"`` or ``"hf"``.
-        alpha, temp, sliding, topk, window, stride, num_local, batch_size, mode, dtype: see
+        sliding, topk, window, stride, num_local, batch_size, mode, dtype: see
             :class:`LocoreOptions`.
 
     Example:
         >>> import rerank
         >>> stage = rerank.create("locore", checkpoint="vislang/locore_dinov2_base", window=100)
     """
+    stored = read_fusion(checkpoint) if alpha is None or temp is None else {}
     options = LocoreOptions(
-        alpha=alpha,
-        temp=temp,
+        alpha=stored.get("alpha", LocoreOptions.alpha) if alpha is None else alpha,
+        temp=stored.get("temp", LocoreOptions.temp) if temp is None else temp,
         sliding=sliding,
         topk=topk,
         window=window,

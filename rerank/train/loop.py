@@ -30,7 +30,7 @@ from tqdm import tqdm
 from locore.core.device import resolve_device
 from locore.core.errors import UserError
 from locore.rerank.locore.model import MODES, RECALL_AT, LocoreInputs, LocoreModel
-from locore.rerank.train.data import DataConfig, make_dataset
+from locore.rerank.train.data import DataConfig, ListDataset, make_dataset
 from locore.rerank.train.init import init_model
 
 logger = logging.getLogger(__name__)
@@ -44,6 +44,7 @@ class TrainConfig:
     """A training run (``configs/train/*.yaml``; defaults follow reference-spec §5.4)."""
 
     data: DataConfig = DataConfig()  # where the lists come from
+    validation: DataConfig = DataConfig()  # held-out lists scored at every checkpoint ("" = none)
     model: str = "micro"  # architecture: preset name (configs/rerankers) or YAML path
     model_overrides: dict = dataclasses.field(default_factory=dict)  # preset keys to change
     init: str = "scratch"  # scratch | our checkpoint | Longformer/RoBERTa folder or HF id
@@ -167,6 +168,7 @@ def train(config: TrainConfig, dataset: Lists | None = None) -> Path:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     data = dataset if dataset is not None else make_dataset(config.data, config.seed)
+    held_out = ListDataset(config.validation, config.seed) if config.validation.features else None
     resume = _latest_checkpoint(out)
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     if resume is not None:
@@ -235,6 +237,8 @@ def train(config: TrainConfig, dataset: Lists | None = None) -> Path:
             bar.update(1)
             if step % config.log_every == 0 or step == config.steps:
                 row = _log_row(window, distributed)
+                if held_out is not None and (step % config.save_every == 0 or step == config.steps):
+                    row.update(validate(model, held_out, config.batch_size, device))
                 elapsed = time.perf_counter() - started
                 row = {"step": step, "lr": lr, **row}
                 row["steps_per_s"] = (step - first) / max(elapsed, 1e-9)
@@ -253,6 +257,21 @@ def train(config: TrainConfig, dataset: Lists | None = None) -> Path:
     if distributed:
         torch.distributed.barrier()
     return out
+
+
+def validate(model: LocoreModel, data: Lists, batch_size: int, device) -> dict:
+    """``val/<name>`` -> loss and recalls over every list of ``data`` (each image the query
+    once, at draw 0, so every call scores the same lists), dropout off. Every rank computes the
+    same numbers, so nothing is reduced."""
+    model.eval()
+    total = torch.zeros(1 + len(MODES) * len(RECALL_AT))
+    with torch.no_grad():
+        for start in range(0, len(data), batch_size):
+            indices = np.arange(start, min(start + batch_size, len(data)))
+            total += _stats(model(data.batch(indices).to(device))) * len(indices)
+    model.train()
+    names = ["loss", *(f"{m}/recall@{k}" for m in MODES for k in RECALL_AT)]
+    return {f"val/{name}": value for name, value in zip(names, (total / len(data)).tolist())}
 
 
 def _stats(output) -> torch.Tensor:
@@ -313,7 +332,8 @@ def read_log(out: Path) -> list[dict]:
 
 
 def plot_loss(out: Path, log: list[dict]) -> None:
-    """``loss.png``: training loss and recall@1 (max-end) against the step."""
+    """``loss.png``: training loss and recall@1 (max-end) against the step, and the
+    validation ones where they were measured (dashed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -325,6 +345,12 @@ def plot_loss(out: Path, log: list[dict]) -> None:
     ax.set(xlabel="optimiser step", ylabel="loss", title="LoCoRe training")
     right = ax.twinx()
     right.plot(steps, [r["max-end/recall@1"] for r in log], color="tab:orange", label="R@1")
+    val = [r for r in log if "val/loss" in r]
+    if val:
+        at = [r["step"] for r in val]
+        ax.plot(at, [r["val/loss"] for r in val], "--o", color="tab:blue", label="val loss")
+        recall = [r["val/max-end/recall@1"] for r in val]
+        right.plot(at, recall, "--o", color="tab:orange", label="val R@1")
     right.set(ylabel="recall@1 (max-end)", ylim=(0, 1.02))
     fig.legend(loc="upper right")
     fig.tight_layout()
