@@ -97,10 +97,9 @@ def create_app(service: SearchService) -> FastAPIOffline:
         else:
             response = await call_next(request)
         refusals.charge(client, response.status_code)
-        route = request.scope.get("route")
-        service.stats.request(
-            getattr(route, "path", "other"), response.status_code, time.perf_counter() - start
-        )
+        # refused before routing (401, 413, 429): counted under the path when it is a route's
+        name = getattr(request.scope.get("route"), "path", path if path in fixed else "other")
+        service.stats.request(name, response.status_code, time.perf_counter() - start)
         return response
 
     def authorized(request: Request) -> bool:
@@ -202,6 +201,7 @@ def create_app(service: SearchService) -> FastAPIOffline:
         return FileResponse(STATIC / "index.html")
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    fixed = {route.path for route in app.routes if "{" not in route.path}  # read by guard
     return app
 
 

@@ -233,6 +233,7 @@ def test_a_client_sending_junk_gets_429_and_others_are_served(demo, service, mon
     refused = post(junk, good)
     assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
     assert "too many refused requests" in refused.json()["error"]
+    assert service.stats.snapshot()["requests"]["/search 429"] >= 1
     assert post(other, good).status_code == 200
     assert junk.get("/healthz").status_code == 200  # liveness is never held back
     time.sleep(0.1)  # two tokens back at 20 a second
