@@ -1,8 +1,10 @@
 """``locore bench offline``: the offline re-ranking chains on the demo collection and on a held-out
 collection of photos the demo never uses (``benchmarks/datasets/heldout.py``), in one table.
 A third collection, ``validation`` (``benchmarks/datasets/offline_train.py``), is built from the
-offline re-ranker's validation photos: with ``--save-logits`` its LoCoRe window logits are cached
-for ``locore bench fusion-grid``, which chooses the fusion stored with the checkpoint.
+offline re-ranker's validation photos. With ``--save-logits``, every chain that ends with LoCoRe
+also caches LoCoRe's window logits on the ranking the chain hands it
+(``<out>/<collection>/<chain>/fusion_logits_hard.npz``) for ``locore bench fusion-grid``, which
+chooses the fusion stored with the checkpoint.
 
 Each collection is indexed once with the pipeline config (``--config``, default ``demo``); every
 chain is then evaluated on the same index through ``engine.evaluate.evaluate_index`` (full-database
@@ -39,7 +41,9 @@ from locore.engine.pipeline import (
     extract_queries,
     first_stage,
     open_index,
+    rerank_chain,
 )
+from locore.indexing.shortlist import Shortlist
 from locore.rerank.chain import build_stage
 
 logger = logging.getLogger(__name__)
@@ -110,19 +114,19 @@ def evaluate_chains(
     save_logits: bool = False,
 ) -> dict[str, dict[str, float]]:
     """``{row: {protocol: mAP}}`` for the global ranking and each chain on collection ``name``
-    (``spec``: the held-out collection's sizes); ``save_logits``: also cache the LoCoRe window
-    logits in ``out/name`` (:func:`save_window_logits`)."""
+    (``spec``: the held-out collection's sizes); ``save_logits``: also cache, for each chain
+    ending with LoCoRe, its window logits in ``out/name/chain`` (:func:`save_window_logits`)."""
     root, gnd = collection(name, out / name / "collection", seed, spec)
     build_index(root / "jpg", out / name / "index", config)
     handle = open_index(out / name / "index")
     rows: dict[str, dict[str, float]] = {}
     try:
-        if save_logits:
-            (stage,) = chain_stages("locore", config)
-            path = out / name / CACHE_FILE.format(setup="hard")
-            save_window_logits(handle, gnd, root / "queries", stage, path, name)
         for chain in chains:
-            search = dataclasses.replace(config.search, rerank=chain_stages(chain, config))
+            stages = chain_stages(chain, config)
+            if save_logits and CHAINS[chain][-1] == "locore":
+                path = out / name / chain / CACHE_FILE.format(setup="hard")
+                save_window_logits(handle, gnd, root / "queries", stages, path, name)
+            search = dataclasses.replace(config.search, rerank=stages)
             chained = dataclasses.replace(
                 handle, config=dataclasses.replace(handle.config, search=search)
             )
@@ -139,14 +143,14 @@ def save_window_logits(
     handle: IndexHandle,
     gnd_path: Path,
     queries_dir: Path,
-    stage: StageConfig,
+    stages: tuple[StageConfig, ...],
     path: Path,
     name: str,
 ) -> Path:
-    """Cache ``stage``'s logits of the leading window of every query's global ranking
-    (:class:`~locore.benchmarks.fusion_grid.FusionCache`), the input of ``locore bench
-    fusion-grid``: the chain ``locore`` as ``evaluate_index`` runs it (no junk partition), one
-    window at the top, images past it placed in the full-database global order."""
+    """Cache the last of ``stages``' logits of the leading window of the ranking the stages
+    before it return (:class:`~locore.benchmarks.fusion_grid.FusionCache`), the input of
+    ``locore bench fusion-grid``: the chain as ``evaluate_index`` runs it (no junk partition),
+    one window at the top, images past the ranking placed in the full-database global order."""
     gt = load_gnd(gnd_path)
     num_db = len(gt["imlist"])
     to_eval = index_to_imlist(handle.names, gt["imlist"], gnd_path)
@@ -154,7 +158,9 @@ def save_window_logits(
     extractor = build_extractor(handle.config.extractor)
     queries = extract_queries(extractor, paths, [g["bbx"] for g in gt["gnd"]])
     shortlist = first_stage(handle, queries, handle.config.search.topk)
-    window = build_stage(stage).window_logits(queries, shortlist, handle.database)
+    incoming = rerank_chain(stages[:-1], queries, shortlist, handle.database)
+    ranking = Shortlist(ids=incoming.ids, sims=incoming.scores)
+    window = build_stage(stages[-1]).window_logits(queries, ranking, handle.database)
     eval_ids = np.where(window.ids >= 0, to_eval[np.maximum(window.ids, 0)], -1)
     order = GlobalOrder(queries.global_desc, handle.database.global_desc, to_eval, num_db)
     placed = order.place(window.ids, labelled(gt["gnd"]))
@@ -170,9 +176,9 @@ def save_window_logits(
         info={
             "dataset": name,
             "setup": "hard",
-            "chain": ["locore"],
-            "stage": stage.name,
-            "options": dict(stage.options),
+            "chain": [stage.name for stage in stages],
+            "stage": stages[-1].name,
+            "options": dict(stages[-1].options),
         },
         rest_ids=rest_ids,
         rest_pos=rest_pos,
@@ -218,5 +224,5 @@ def run(args: argparse.Namespace) -> int:
     print(f"-> {out / 'offline.json'}, {out / 'offline.csv'}")
     if args.save_logits:
         cache = CACHE_FILE.format(setup="hard")
-        print(f"window logits -> {out}/<collection>/{cache} (locore bench fusion-grid --cache)")
+        print(f"LoCoRe logits -> {out}/<collection>/<chain>/{cache} (bench fusion-grid --cache)")
     return 0

@@ -116,19 +116,24 @@ def test_run_writes_one_consistent_table(tmp_path, capsys):
 
 
 def test_saved_logits_replay_the_single_window_locore_chain(tmp_path):
-    """``--save-logits`` caches what ``bench fusion-grid`` replays: its cell at the stage's
-    (alpha, temp) is the mAP of the one-window locore chain, alpha = 1 the global ranking's."""
+    """``--save-logits`` caches what ``bench fusion-grid`` replays: per chain ending with LoCoRe,
+    its cell at the stage's (alpha, temp) is that chain's mAP with one LoCoRe window, alpha = 1
+    the mAP of the ranking LoCoRe received (global, or SuperGlobal's)."""
     config = cfg.load(PipelineConfig, "demo", ["extractor.options.imsize=192"])
     (stage,) = offline.chain_stages("locore", config)
     options = {**stage.options, "sliding": None, "alpha": 0.3, "temp": 0.7}
     search = dataclasses.replace(config.search, rerank=(StageConfig("locore", options),))
     config = dataclasses.replace(config, search=search)
     spec = heldout.HeldoutSpec(subjects=3, distractors=2)
-    rows = offline.evaluate_chains("heldout", tmp_path, 0, config, ["locore"], spec, True)
-    cache = fusion_grid.FusionCache.load(tmp_path / "heldout" / "fusion_logits_hard.npz")
-    assert cache.info["options"] == options and len(cache.ids) == 3
-    grid = fusion_grid.grid_search(cache, (0.3, 1.0), (0.7,))
-    assert rows["locore"] != rows["global"]  # the model moved something
-    for protocol in ("medium", "hard"):
-        assert grid.at(0.3, 0.7)[protocol] == pytest.approx(rows["locore"][protocol], abs=1e-9)
-        assert grid.at(1.0, 0.7)[protocol] == pytest.approx(rows["global"][protocol], abs=1e-9)
+    chains = ["superglobal", "locore", "superglobal+locore"]
+    rows = offline.evaluate_chains("heldout", tmp_path, 0, config, chains, spec, True)
+    assert not (tmp_path / "heldout" / "superglobal" / "fusion_logits_hard.npz").exists()
+    for chain, incoming in (("locore", "global"), ("superglobal+locore", "superglobal")):
+        path = tmp_path / "heldout" / chain / "fusion_logits_hard.npz"
+        cache = fusion_grid.FusionCache.load(path)
+        assert cache.info["options"] == options and cache.info["chain"] == chain.split("+")
+        grid = fusion_grid.grid_search(cache, (0.3, 1.0), (0.7,))
+        assert rows[chain] != rows[incoming]  # the model moved something
+        for protocol in ("medium", "hard"):
+            assert grid.at(0.3, 0.7)[protocol] == pytest.approx(rows[chain][protocol], abs=1e-9)
+            assert grid.at(1.0, 0.7)[protocol] == pytest.approx(rows[incoming][protocol], abs=1e-9)
