@@ -179,7 +179,7 @@ def first_stage(
             shortlist = search(depth)
         shortlist.save(out / "shortlist")
 
-    origin = None if source is None else content_key(out, shortlist_files(Path(source)))
+    origin = None if source is None else content_key(shortlist_files(Path(source)))
     record = {**params, "source": origin, "depth": depth if source is None else cut}
     cached_stage(out, "shortlist", record, work)
     return Shortlist.load(out / "shortlist")

@@ -146,7 +146,6 @@ def from_official(settings: Settings) -> Collection:
     (:func:`~locore.benchmarks.settings.content_key`), never by the folder."""
     files = RELEASES[settings.metric](settings)
     inputs = content_key(
-        settings.out,
         [
             files.gnd_file,
             files.query_local,

@@ -10,14 +10,12 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from locore.core.atomic import write_text
-from locore.core.digest import Fingerprint, fingerprint
+from locore.core.digest import remembered
 from locore.core.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -89,37 +87,15 @@ def array_digest(array: np.ndarray) -> str:
     return h.hexdigest()[:10]
 
 
-FINGERPRINTS = "fingerprints.json"  # in --out: the hashes of input files, by path and stat
-
-
-def content_key(out: Path, paths: Sequence[Path]) -> str:
+def content_key(paths: Sequence[Path]) -> str:
     """A short hash of the content of ``paths``: each file's size, mtime and SHA-256, never its
-    name or folder, so a release regenerated in the same folder gets a new key.
-
-    Hashing a +1M release reads hundreds of GB, so each hash is remembered in
-    ``<out>/fingerprints.json`` with the file's stat (size, mtime, ctime, inode) and read again
-    only when the stat changes; any rewrite of a file changes its ctime, which no tool can set.
-    """
+    name or folder, so a release regenerated in the same folder gets a new key. Hashes are
+    remembered per machine (:func:`locore.core.digest.remembered`), so a 150 GB release is
+    read once, not once per ``--out``."""
     missing = [p for p in paths if not Path(p).is_file()]
     if missing:
         raise UserError(f"{missing[0]} not found; check the path (or download the files again)")
-    memo_path = out / FINGERPRINTS
-    memo = json.loads(memo_path.read_text()) if memo_path.is_file() else {}
-    prints = []
-    for path in paths:
-        stat = os.stat(path)
-        key = str(Path(path).resolve())
-        seen = [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
-        entry = memo.get(key)
-        if entry is not None and entry["stat"] == seen:
-            found = Fingerprint.from_list(entry["fingerprint"])
-        else:
-            found = fingerprint(path)
-            memo[key] = {"stat": seen, "fingerprint": found.to_list()}
-        prints.append(found.to_list())
-    out.mkdir(parents=True, exist_ok=True)
-    write_text(memo_path, json.dumps(memo, indent=1, sort_keys=True))
-    return digest({"files": prints})
+    return digest({"files": [f.to_list() for f in remembered(paths)]})
 
 
 def cached_stage(out: Path, name: str, params: dict, work: Callable[[], None]) -> bool:

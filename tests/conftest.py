@@ -16,6 +16,13 @@ DATA = Path(__file__).parent / "data"
 GOLDEN_KINDS = ("locore", "extract")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Hashes remembered by the code under test go to a folder of this run, never to the
+    user's cache (``core.digest.cache_dir``; child processes inherit it)."""
+    os.environ["LOCORE_CACHE"] = str(tmp_path_factory.mktemp("locore_cache"))
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--device", default="cpu", help="torch device for model tests (cpu, cuda)")
 
