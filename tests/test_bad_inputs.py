@@ -193,7 +193,7 @@ CASES = [
     (_search("--topk", "5", "--set", "search.topk=6"), "pass one"),
     (_search("--rerank", "locore", "--set", "search.rerank.3.options.alpha=1"), "holds 1 items"),
     (
-        _search("--set", "search.rerank.0.options.checkpoint=vislang/locore_dinov2_base"),
+        _search("--set", "search.rerank.1.options.checkpoint=vislang/locore_dinov2_base"),
         "768-D local descriptors but index",
     ),
     # index and extract: folders and sizes

@@ -18,7 +18,7 @@ from locore.cli import BENCH_TARGETS, COMMANDS, build_parser, main
 from locore.cli.commands import checkpoint_local_dim, query_overrides
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
-BUNDLED = "locore://rerank/checkpoints/locore_demo"
+BUNDLED = "locore://rerank/checkpoints/locore_offline"
 
 
 @pytest.fixture(scope="module")

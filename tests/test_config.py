@@ -30,8 +30,9 @@ def test_overrides_nested_lists_and_types():
     assert config.search.topk == 50
     assert config.extractor.options == {"num_local": 49, "imsize": 512}
     assert config.search.rerank == (StageConfig("superglobal", {}),)
-    demo = cfg.load(PipelineConfig, "demo", ["search.rerank.0.options.checkpoint=runs/mine"])
-    (stage,) = demo.search.rerank
+    demo = cfg.load(PipelineConfig, "demo", ["search.rerank.1.options.checkpoint=runs/mine"])
+    first, stage = demo.search.rerank
+    assert first == StageConfig("superglobal", {})
     assert stage.options["checkpoint"] == "runs/mine" and stage.options["window"] == 32
 
 

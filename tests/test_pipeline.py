@@ -87,12 +87,14 @@ def test_cli_search_writes_jsonl_and_grid(demo_index, tmp_path, capsys):
 
 
 def test_demo_reranker_changes_ranks(demo_index, tmp_path):
-    """The committed demo checkpoint re-ranks through the configured chain."""
+    """The demo preset's LoCoRe checkpoint (with its stored fusion) re-ranks the demo."""
     collection, index_dir = demo_index
     demo = cfg.load(PipelineConfig, "demo")
-    stage = demo.search.rerank[0]
-    assert stage.name == "locore"
-    options = {**stage.options, "topk": 16, "window": 8, "stride": 4}
+    assert [s.name for s in demo.search.rerank] == ["superglobal", "locore"]
+    stage = demo.search.rerank[1]
+    # Its stored fusion leans on the global similarity (alpha 0.9): weigh the model's logits
+    # more here, so that the checkpoint itself must move images.
+    options = {**stage.options, "topk": 16, "window": 8, "stride": 4, "alpha": 0.3, "temp": 1.0}
     override = [f"search.rerank=[{{name: locore, options: {json.dumps(options)}}}]"]
     handle = open_index(index_dir, override)
     try:

@@ -66,6 +66,8 @@ def test_wheel_carries_the_presets_and_the_demo_reranker(wheel):
     assert "locore/configs/pipelines/demo.yaml" in names
     assert "locore/rerank/checkpoints/locore_demo/model.safetensors" in names
     assert "locore/rerank/checkpoints/locore_demo/config.json" in names
+    for name in ("model.safetensors", "config.json", "fusion.json"):
+        assert f"locore/rerank/checkpoints/locore_offline/{name}" in names
     tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert tops == {"locore"}
 
@@ -93,5 +95,5 @@ def test_demo_runs_from_an_empty_folder_outside_the_repository(installed, tmp_pa
     assert done.returncode == 0, done.stderr[-2000:]
     table = done.stdout + done.stderr
     assert "Easy  Medium    Hard" in table
-    assert "re-ranked: locore" in table
+    assert "re-ranked: superglobal+locore" in table
     assert (tmp_path / "out" / "results.jsonl").is_file()
