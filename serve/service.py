@@ -272,6 +272,7 @@ class SearchService:
     def prepare(self, image: np.ndarray, box: tuple[float, ...] | None) -> torch.Tensor:
         """The extractor's own preprocessing of a decoded upload, in the request's thread (it
         reads no weights); RequestError 422 when the region is too small for the network."""
+        torch.set_num_threads(1)  # many requests preprocess at once: no OpenMP team for each
         try:
             return self.extractor.preprocess(image, box)
         except UserError as err:
