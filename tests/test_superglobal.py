@@ -28,21 +28,27 @@ def shortlist_of(query: np.ndarray, db: np.ndarray, ids: np.ndarray) -> Shortlis
     return Shortlist(ids=ids.astype(np.int64), sims=sims.astype(np.float32))
 
 
+def golden_close(actual, expected) -> None:
+    """float64 against the official float64 outputs: 1e-12 of the largest value compared (sums
+    of a few thousand products, reordered by another BLAS or CPU)."""
+    np.testing.assert_allclose(actual, expected, rtol=0, atol=1e-12 * np.abs(expected).max())
+
+
 def test_golden_stages_and_ranking_in_float64(golden):
     meta, g = golden
     m, top = meta["M"], g["ranks_in"][: meta["M"]].T
     out = superglobal_scores(
         torch.from_numpy(g["Q"]), torch.from_numpy(g["X"][top]), k=meta["K"], beta=meta["beta"]
     )
-    np.testing.assert_allclose(out.refined.numpy(), g["refined"], rtol=0, atol=1e-12)
-    np.testing.assert_allclose(out.stage_a.numpy(), g["stage_a_scores"], rtol=0, atol=1e-12)
+    golden_close(out.refined.numpy(), g["refined"])
+    golden_close(out.stage_a.numpy(), g["stage_a_scores"])
     stage_a_order = np.argsort(-out.stage_a.numpy(), axis=1, kind="stable")
     np.testing.assert_array_equal(np.take_along_axis(top, stage_a_order, 1), g["stage_a_ids"])
     # Final score rebuilt from the golden refined descriptors: q~ = max of the 10 best d~.
     best = np.argsort(-g["stage_a_scores"], axis=1, kind="stable")[:, : meta["K"] + 1]
     q_tilde = np.take_along_axis(g["refined"], best[..., None], 1).max(1)
     final = 0.5 * (g["stage_a_scores"] + np.einsum("qd,qmd->qm", q_tilde, g["refined"]))
-    np.testing.assert_allclose(out.final.numpy(), final, rtol=0, atol=1e-12)
+    golden_close(out.final.numpy(), final)
 
     stage = rerank.create("superglobal", m=m, k=meta["K"], beta=meta["beta"], dtype="float64")
     result = stage.rerank(
@@ -79,26 +85,33 @@ HAND_STAGE_B = np.array(
 )
 
 
+def close(actual, expected) -> None:
+    """float64 hand values: a few ulps of the compared values (other CPUs may fuse or reorder
+    the handful of operations), scaled to their magnitude."""
+    expected = np.asarray(expected)
+    np.testing.assert_allclose(actual, expected, rtol=1e-13, atol=1e-13 * np.abs(expected).max())
+
+
 def hand_scores(**kwargs):
     x = torch.tensor(HAND_X)[None]
     return superglobal_scores(torch.tensor(HAND_Q), x, k=1, beta=0.5, **kwargs)
 
 
 def test_hand_case_refinement():
-    np.testing.assert_allclose(hand_scores().refined[0].numpy(), HAND_REFINED, atol=1e-15)
+    close(hand_scores().refined[0].numpy(), HAND_REFINED)
 
 
 def test_hand_case_query_expansion_pools_refined_items_only():
     out = hand_scores()
-    np.testing.assert_allclose(out.stage_a[0].numpy(), HAND_STAGE_A, atol=1e-15)
-    np.testing.assert_allclose(out.query[0].numpy(), HAND_Q_TILDE, atol=1e-15)
+    close(out.stage_a[0].numpy(), HAND_STAGE_A)
+    close(out.query[0].numpy(), HAND_Q_TILDE)
     # qe_k = 1 pools the single best refined item only.
-    np.testing.assert_allclose(hand_scores(qe_k=1).query[0].numpy(), HAND_REFINED[0], atol=1e-15)
+    close(hand_scores(qe_k=1).query[0].numpy(), HAND_REFINED[0])
 
 
 def test_hand_case_final_score_and_resort():
     final = 0.5 * (HAND_STAGE_A + HAND_STAGE_B)  # 0.7641, 0.3369, 0.7531
-    np.testing.assert_allclose(hand_scores().final[0].numpy(), final, atol=1e-15)
+    close(hand_scores().final[0].numpy(), final)
     # Through the stage, from a shortlist in a poor order with two entries past m = 3.
     db = np.concatenate([HAND_X, np.eye(3)[[2, 2]]])
     ids = np.array([[1, 2, 0, 3, 4]])
