@@ -53,3 +53,13 @@ def test_cached_collection_is_reused(tmp_path):
     mtime = marker.stat().st_mtime_ns
     generate(tmp_path / "demo", SMALL)
     assert marker.stat().st_mtime_ns == mtime
+
+
+def test_a_damaged_manifest_means_generate_again(tmp_path):
+    root = generate(tmp_path / "demo", SMALL)
+    digest = _digest(root)
+    (root / "manifest.json").write_text('{"version": ')  # a writer killed mid-write
+    marker = root / "jpg" / "astronaut_easy0.jpg"
+    mtime = marker.stat().st_mtime_ns
+    assert _digest(generate(tmp_path / "demo", SMALL)) == digest
+    assert marker.stat().st_mtime_ns != mtime  # written again, not reused

@@ -7,6 +7,7 @@ the pipeline decides when (and on which device) pixels are read.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from locore.core.atomic import write_text
 from locore.core.errors import UserError
 from locore.feature_extractors.io import load_image
 from locore.feature_extractors.preprocess import crop_box
@@ -120,3 +122,26 @@ def read_lines(path: Path) -> list[str]:
     """Non-empty lines without surrounding whitespace."""
     with open(path, encoding="utf-8") as f:
         return [line.strip() for line in f if line.strip()]
+
+
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+    """The record a generated collection writes last: its generator's version and spec. A
+    folder whose manifest matches is complete and reused; a missing, damaged or other one means
+    generate again (a generator killed mid-way never wrote it)."""
+
+    path: Path
+    content: dict
+
+    @classmethod
+    def of(cls, path: Path, version: int, spec: object) -> Manifest:
+        return cls(Path(path), {"version": version, "spec": dataclasses.asdict(spec)})
+
+    def current(self) -> bool:
+        try:
+            return json.loads(self.path.read_text()) == self.content
+        except (OSError, ValueError):
+            return False
+
+    def write(self) -> None:
+        write_text(self.path, json.dumps(self.content))

@@ -27,6 +27,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from locore.benchmarks.datasets.base import Manifest
+
 logger = logging.getLogger(__name__)
 
 VERSION = 2  # bump when the generator changes, so cached collections are rebuilt
@@ -189,9 +191,8 @@ def generate(root: Path, spec: DemoSpec = DemoSpec()) -> Path:
     ``train/jpg/*.jpg`` + ``train/labels.txt`` (``name,class``) for training, ``manifest.json``.
     """
     root = Path(root)
-    manifest = {"version": VERSION, "spec": dataclasses.asdict(spec)}
-    manifest_path = root / "manifest.json"
-    if manifest_path.is_file() and json.loads(manifest_path.read_text()) == manifest:
+    manifest = Manifest.of(root / "manifest.json", VERSION, spec)
+    if manifest.current():
         logger.info("demo collection at %s is up to date", root)
         return root
     rng = np.random.default_rng(spec.seed)
@@ -246,6 +247,6 @@ def generate(root: Path, spec: DemoSpec = DemoSpec()) -> Path:
     with open(root / "gnd_demo.pkl", "wb") as f:
         pickle.dump(ground_truth, f)
     (root / "gnd_demo.json").write_text(json.dumps(ground_truth, indent=1))
-    manifest_path.write_text(json.dumps(manifest))
+    manifest.write()
     logger.info("demo collection: %d database, %d queries at %s", len(imlist), len(qimlist), root)
     return root

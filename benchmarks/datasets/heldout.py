@@ -30,6 +30,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from locore.benchmarks.datasets.base import Manifest
 from locore.benchmarks.datasets.demo import (
     EASY,
     HARD,
@@ -204,16 +205,15 @@ def generate(root: Path, spec: HeldoutSpec = HeldoutSpec()) -> Path:
             f"got {spec.subjects} and {spec.distractors}"
         )
     root = Path(root)
-    manifest = {"version": VERSION, "spec": dataclasses.asdict(spec)}
-    manifest_path = root / "manifest.json"
-    if manifest_path.is_file() and json.loads(manifest_path.read_text()) == manifest:
+    manifest = Manifest.of(root / "manifest.json", VERSION, spec)
+    if manifest.current():
         logger.info("held-out collection at %s is up to date", root)
         return root
     rng = np.random.default_rng(spec.seed)
     loaders = _photos()
     photos = {name: loaders[name]() for name in SUBJECTS[: spec.subjects]}
     write_collection(root, photos, rng, spec.distractors, "heldout")
-    manifest_path.write_text(json.dumps(manifest))
+    manifest.write()
     return root
 
 

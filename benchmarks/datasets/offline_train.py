@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import cv2
 import numpy as np
 
 from locore.benchmarks.datasets import heldout
+from locore.benchmarks.datasets.base import Manifest
 from locore.benchmarks.datasets.demo import LONG_SIDE, _photos, _resize_long
 from locore.core.errors import UserError
 
@@ -130,13 +130,6 @@ def augment(photo: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, in
     return view, int(rng.integers(30, 96))
 
 
-def _manifest(root: Path, what: str, spec: OfflineTrainSpec) -> tuple[Path, dict, bool]:
-    """Manifest path and content of ``what`` under ``root``, and whether it is up to date."""
-    path = root / f"manifest_{what}.json"
-    manifest = {"version": VERSION, "spec": dataclasses.asdict(spec)}
-    return path, manifest, path.is_file() and json.loads(path.read_text()) == manifest
-
-
 def generate_lists(root: Path, spec: OfflineTrainSpec = OfflineTrainSpec()) -> Path:
     """Write ``train/`` and ``val/`` (``jpg/`` + ``labels.txt`` each) under ``root`` (cached).
 
@@ -146,8 +139,8 @@ def generate_lists(root: Path, spec: OfflineTrainSpec = OfflineTrainSpec()) -> P
     if min(spec.train_views, spec.val_views) < 2:
         raise UserError("train_views and val_views must be at least 2 (a view needs a positive)")
     root = Path(root)
-    path, manifest, fresh = _manifest(root, "lists", spec)
-    if fresh:
+    manifest = Manifest.of(root / "manifest_lists.json", VERSION, spec)
+    if manifest.current():
         logger.info("offline training lists at %s are up to date", root)
         return root
     for index, split in enumerate(SPLITS):
@@ -165,7 +158,7 @@ def generate_lists(root: Path, spec: OfflineTrainSpec = OfflineTrainSpec()) -> P
                 labels.append(f"{name},{subject}")
         (root / split / "labels.txt").write_text("\n".join(labels) + "\n")
         logger.info("%s: %d views of %d subjects", split, len(labels), len(labels) // views)
-    path.write_text(json.dumps(manifest))
+    manifest.write()
     return root
 
 
@@ -178,15 +171,15 @@ def validation_collection(root: Path, spec: OfflineTrainSpec = OfflineTrainSpec(
             f"and >= 0 distractors; got {spec.queries} and {spec.distractors}"
         )
     root = Path(root)
-    path, manifest, fresh = _manifest(root, "collection", spec)
-    if fresh:
+    manifest = Manifest.of(root / "manifest_collection.json", VERSION, spec)
+    if manifest.current():
         logger.info("validation collection at %s is up to date", root)
         return root
     rng = np.random.default_rng([spec.seed, len(SPLITS)])
     heldout.write_collection(
         root, subjects("val"), rng, spec.distractors, "validation", spec.queries
     )
-    path.write_text(json.dumps(manifest))
+    manifest.write()
     return root
 
 
