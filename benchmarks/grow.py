@@ -26,6 +26,7 @@ import json
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -36,6 +37,7 @@ from locore.benchmarks.scale import MB, SAMPLE_S, Probe, evict
 from locore.core import config as cfg
 from locore.core.atomic import write_text
 from locore.core.digest import fingerprint
+from locore.core.errors import UserError
 from locore.core.layout import GLOBAL_FILE, LOCAL_FILE
 from locore.engine.config import load_pipeline
 from locore.engine.pipeline import CONFIG_FILE, INDEX_SUBDIR, MANIFEST_FILE, build_extractor
@@ -162,18 +164,23 @@ def add_images(images: Path, count: int, seed: int) -> Path:
 def measure(command: list[str]) -> dict:
     """Run ``command``; its output, wall and CPU time, peak RSS, bytes read and written."""
     started = time.monotonic()
-    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    probe, peak, io, cpu = Probe(child.pid), 0, {}, 0.0
-    while child.poll() is None:
-        try:
-            peak = max(peak, probe.status_kb("VmHWM"))
-            io, cpu = probe.io(), probe.cpu_s()
-        except (OSError, AttributeError):
-            pass  # the child ended between poll() and the read
-        time.sleep(SAMPLE_S)
-    output = child.stdout.read()
+    # output to a file, not a pipe: nothing reads a pipe while the child runs, and a full one
+    # (64 KB of log lines) would stop the child
+    with tempfile.TemporaryFile("w+") as log:
+        child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True)
+        probe, peak, io, cpu = Probe(child.pid), 0, {}, 0.0
+        while child.poll() is None:
+            try:
+                peak = max(peak, probe.status_kb("VmHWM"))
+                io, cpu = probe.io(), probe.cpu_s()
+            except (OSError, AttributeError):
+                pass  # the child ended between poll() and the read
+            time.sleep(SAMPLE_S)
+        log.seek(0)
+        output = log.read()
     if child.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed:\n{output[-3000:]}")
+        last = output.strip().splitlines()[-1:] or ["no output"]
+        raise UserError(f"{' '.join(command[1:4])} ... exited {child.returncode}: {last[0]}")
     stages = {}
     match = TIMES.search(output)
     if match:
@@ -209,10 +216,15 @@ def run(args: argparse.Namespace) -> int:
     print(grow["output"], flush=True)
     query = next((images / "added").rglob("*.jpg"))
     searches = {}
-    chains = {
-        "global only": ["--set", "search.rerank=[]"],
-        "default chain": ["--set", f"search.rerank.0.options.num_local={base['num_local']}"],
-    }
+    # the chain's LoCoRe stages read as many locals as the base stores
+    stages = load_pipeline(index / CONFIG_FILE).search.rerank
+    fit = [
+        arg
+        for i, stage in enumerate(stages)
+        if stage.name == "locore"
+        for arg in ("--set", f"search.rerank.{i}.options.num_local={base['num_local']}")
+    ]
+    chains = {"global only": ["--set", "search.rerank=[]"], "default chain": fit}
     for chain, extra in chains.items():
         for state in ("cold", "warm"):
             if state == "cold":

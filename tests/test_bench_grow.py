@@ -3,9 +3,12 @@ it appends to the store in place (issue #16, "indexes that grow")."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 
 from locore.benchmarks import grow
+from locore.cli import main
 from locore.core.layout import LOCAL_FILE
 from locore.engine.config import load_pipeline
 from locore.engine.pipeline import SyncReport, build_index, open_index
@@ -41,3 +44,19 @@ def test_base_is_up_to_date_and_growth_appends_in_place(tmp_path):
         handle.close()
     # the base is written once: a second call reuses it
     assert grow.write_base(out, 60, SETTINGS[:2], "flat", seed=0) == base
+
+
+def test_the_command_measures_index_and_search(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["bench", "grow", "--n", "30", "--add", "2", "--out", str(out)]) == 0
+    result = json.loads((out / "grow.json").read_text())
+    grow_run = result["grow"]
+    assert "2 added, 0 changed, 0 removed, 30 unchanged" in grow_run["output"]
+    assert set(grow_run["stages"]) >= {"scan folder", "compare files", "extract", "global index"}
+    assert list(result["search"]) == [
+        "global only, cold", "global only, warm", "default chain, cold", "default chain, warm"
+    ]  # fmt: skip
+    # the index's chain (SuperGlobal + LoCoRe) ran, with LoCoRe fitted to the stored locals
+    assert result["search"]["default chain, warm"]["stages"]["re-rank"] > 0
+    assert result["search"]["global only, warm"]["stages"]["re-rank"] == 0
+    assert "| default chain, warm |" in capsys.readouterr().out
