@@ -222,21 +222,6 @@ def _head_then(head: np.ndarray, order: np.ndarray) -> np.ndarray:
     return np.concatenate([head, order[~in_head[order]]])
 
 
-def to_imlist_ranks(ids: np.ndarray, index_to_imlist: np.ndarray, num_db: int) -> np.ndarray:
-    """Index-id rankings ``[Q, M]`` -> full ``imlist`` rankings ``[num_db, Q]``, the ids the
-    shortlist misses appended in ``imlist`` order.
-
-    That order depends on where images sit in the ground truth's list (it puts every ROxf
-    image ahead of the +1M distractors): use :class:`GlobalOrder` for reported numbers.
-    """
-    heads = shortlist_heads(ids, index_to_imlist)
-    everything = np.arange(num_db)
-    ranks = np.empty((heads.shape[0], num_db), dtype=np.int64)
-    for q, row in enumerate(heads):
-        ranks[q] = _head_then(row[row >= 0], everything)
-    return ranks.T
-
-
 class GlobalOrder:
     """Every query's exact global ranking of the evaluated database, kept as positions.
 
