@@ -25,9 +25,13 @@ T = TypeVar("T")
 
 
 def resolve_path(name_or_path: str | Path, kind: str = "pipelines") -> Path:
-    """Return the YAML file for a preset name (``configs/<kind>/<name>.yaml``) or a path."""
+    """Return the YAML file for a preset name (``configs/<kind>/<name>.yaml``) or a path.
+
+    Only a *file* (or a name ending in ``.yaml``) is taken as a path: a folder that happens to
+    share a preset's name (``locore demo --out demo`` leaves one) must not hide the preset.
+    """
     path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
+    if path.suffix in (".yaml", ".yml") or path.is_file():
         if not path.is_file():
             raise UserError(f"config file {path} does not exist; pass a preset name or a YAML path")
         return path

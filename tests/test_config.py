@@ -69,6 +69,15 @@ def test_unknown_preset_lists_choices(tmp_path):
         cfg.load(PipelineConfig, tmp_path / "missing.yaml")
 
 
+def test_a_folder_named_like_a_preset_does_not_hide_it(tmp_path, monkeypatch):
+    # `locore demo --out demo` leaves a folder "demo"; `--config demo` must still be the preset.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "demo").mkdir()
+    assert cfg.load(PipelineConfig, "demo").search.topk == 100
+    (tmp_path / "mine").write_text("search: {topk: 7}")
+    assert cfg.load(PipelineConfig, "mine").search.topk == 7  # an existing file is a path
+
+
 def test_saved_config_round_trips(tmp_path):
     config = cfg.load(
         PipelineConfig, "demo", ["search.rerank=[{name: locore, options: {alpha: 0.3}}]"]
