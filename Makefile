@@ -9,6 +9,10 @@ STAMP   := $(VENV)/.installed
 TORCH   ?= torch==2.14.1 torchvision==0.29.1
 # setup.cfg accepts transformers 4.40-5.x (a GPU image ships 5.x); tests and CI run on this one.
 TRANSFORMERS ?= transformers==4.57.6
+# setup.cfg accepts OpenCV >= 4.8; the demo collection is drawn with OpenCV's warps and JPEG
+# writer, whose pixels differ between releases (5.0 and 5.1 give different demo numbers,
+# benchmarks/RESULTS.md), so `make` installs the release the recorded numbers were made with.
+OPENCV ?= opencv-python-headless==5.1.0.95
 DEMO_OUT ?= demo_out
 
 .PHONY: install demo test lint format clean chromium
@@ -19,7 +23,7 @@ $(BIN)/python:
 $(STAMP): setup.cfg pyproject.toml | $(BIN)/python
 	@# Never reinstall a working torch: only install the pin when torch does not import.
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e ".[dev,ray]" "$(TRANSFORMERS)"
+	$(BIN)/pip install -q -e ".[dev,ray]" "$(TRANSFORMERS)" "$(OPENCV)"
 	touch $(STAMP)
 
 install: $(STAMP)
