@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -152,3 +153,37 @@ def test_validation_lists_are_scored_at_every_checkpoint(features, tmp_path):
         assert again.keys() == {k for k in row if k.startswith("val/")}
         for key, value in again.items():
             assert_close_to_scale(value, row[key], float32_bound(4, 1000), what=key)
+
+
+def test_best_keeps_the_validated_checkpoint_with_the_best_metric(features, tmp_path):
+    held_out = DataConfig(
+        features=str(features), labels=str(features / "labels.txt"), list_length=6, num_local=K
+    )
+    config = _config(
+        features, tmp_path / "run", 6, validation=held_out, model_overrides=SMALL, lr=3e-2
+    )
+    for key in ("val/loss", "val/max-end/recall@1"):
+        out = train(dataclasses.replace(config, best=key, out=str(tmp_path / key[4:8])))
+        rows = [r for r in read_log(out) if key in r]
+        better = min if key == "val/loss" else max
+        step = next(r["step"] for r in rows if r[key] == better(r[key] for r in rows))
+        chosen = json.loads((out / "selected.json").read_text())
+        assert chosen == {
+            "checkpoint": f"checkpoint-{step}",
+            "step": step,
+            "metric": key,
+            "value": next(r[key] for r in rows if r["step"] == step),
+        }
+        final = LocoreModel.from_pretrained(out).state_dict()
+        kept = LocoreModel.from_pretrained(out / f"checkpoint-{step}").state_dict()
+        assert all(torch.equal(final[k], kept[k]) for k in final)
+    losses = [r["val/loss"] for r in read_log(tmp_path / "loss") if "val/loss" in r]
+    assert len(set(losses)) == 3  # three different checkpoints to choose from
+
+
+def test_best_needs_validation_and_a_known_metric(features, tmp_path):
+    with pytest.raises(UserError, match="needs validation.features"):
+        _config(features, tmp_path, 2, best="val/loss")
+    held_out = DataConfig(features=str(features), labels=str(features / "labels.txt"))
+    with pytest.raises(UserError, match="unknown train best 'val/recall'; choose one of"):
+        _config(features, tmp_path, 2, best="val/recall", validation=held_out)

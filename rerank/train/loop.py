@@ -27,6 +27,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
+from locore.core.atomic import write_text
 from locore.core.device import resolve_device
 from locore.core.errors import UserError
 from locore.rerank.locore.model import MODES, RECALL_AT, LocoreInputs, LocoreModel
@@ -37,6 +38,9 @@ logger = logging.getLogger(__name__)
 
 SCHEDULES = ("constant", "linear")
 STATE_FILE = "trainer_state.pt"
+SELECTED_FILE = "selected.json"  # which checkpoint the final model is, when `best` is set
+STAT_NAMES = ("loss", *(f"{m}/recall@{k}" for m in MODES for k in RECALL_AT))
+VALIDATION_KEYS = tuple(f"val/{name}" for name in STAT_NAMES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +67,7 @@ class TrainConfig:
     backend: str = "fast"  # attention backend: fast | hf
     log_every: int = 10  # optimiser steps per log row
     save_every: int = 200  # optimiser steps per checkpoint
+    best: str = ""  # validation metric that picks the final model (e.g. val/max-end/recall@1)
     seed: int = 42  # model init, sample order, shuffling, dropout
     device: str = "auto"  # auto | cpu | cuda | cuda:N (auto: the process's GPU under torchrun)
 
@@ -80,6 +85,13 @@ class TrainConfig:
             )
         if self.lr <= 0 or self.max_grad_norm <= 0:
             raise UserError("train lr and max_grad_norm must be positive")
+        if self.best:
+            if not self.validation.features:
+                raise UserError(f"train best={self.best!r} needs validation.features; set both")
+            if self.best not in VALIDATION_KEYS:
+                raise UserError(
+                    f"unknown train best {self.best!r}; choose one of {list(VALIDATION_KEYS)}"
+                )
 
 
 class Lists(Protocol):
@@ -252,11 +264,29 @@ def train(config: TrainConfig, dataset: Lists | None = None) -> Path:
                     model, optimizer, scheduler, step, log, out / f"checkpoint-{step}", rank, device
                 )
     if rank == 0:
+        if config.best:
+            model = select_best(out, log, config.best, config.backend)
         model.eval().save_pretrained(out)
         plot_loss(out, log)
     if distributed:
         torch.distributed.barrier()
     return out
+
+
+def select_best(out: Path, log: list[dict], key: str, backend: str) -> LocoreModel:
+    """The checkpoint with the best ``key`` (lowest loss, else highest recall; the earliest of
+    equals), recorded in ``out/selected.json``: early stopping on the validation lists, so a
+    run that starts to memorise its training subjects keeps the model from before."""
+    rows = [r for r in log if key in r and (out / f"checkpoint-{r['step']}").is_dir()]
+    if not rows:
+        raise UserError(f"no checkpoint of {out} was validated; lower save_every below steps")
+    sign = 1.0 if key.endswith("loss") else -1.0
+    row = min(rows, key=lambda r: (sign * r[key], r["step"]))
+    folder = out / f"checkpoint-{row['step']}"
+    choice = {"checkpoint": folder.name, "step": row["step"], "metric": key, "value": row[key]}
+    write_text(out / SELECTED_FILE, json.dumps(choice, indent=1) + "\n")
+    logger.info("final model: %s (%s = %.4f)", folder.name, key, row[key])
+    return LocoreModel.from_pretrained(folder, backend=backend)
 
 
 def validate(model: LocoreModel, data: Lists, batch_size: int, device) -> dict:
@@ -270,8 +300,7 @@ def validate(model: LocoreModel, data: Lists, batch_size: int, device) -> dict:
             indices = np.arange(start, min(start + batch_size, len(data)))
             total += _stats(model(data.batch(indices).to(device))) * len(indices)
     model.train()
-    names = ["loss", *(f"{m}/recall@{k}" for m in MODES for k in RECALL_AT)]
-    return {f"val/{name}": value for name, value in zip(names, (total / len(data)).tolist())}
+    return dict(zip(VALIDATION_KEYS, (total / len(data)).tolist()))
 
 
 def _stats(output) -> torch.Tensor:
@@ -288,8 +317,7 @@ def _log_row(window: list[torch.Tensor], distributed: bool) -> dict:
         mean = mean.to(backend_device)
         torch.distributed.all_reduce(mean)
         mean = mean.cpu() / torch.distributed.get_world_size()
-    names = ["loss", *(f"{m}/recall@{k}" for m in MODES for k in RECALL_AT)]
-    return dict(zip(names, mean.tolist()))
+    return dict(zip(STAT_NAMES, mean.tolist()))
 
 
 def _save(
