@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -125,6 +126,15 @@ def nearest_neighbours(globals_: np.ndarray, depth: int, chunk: int = 4096) -> n
         sims[torch.arange(len(sims)), rows] = -torch.inf  # the query itself
         out.append(torch.topk(sims, depth, dim=1, sorted=True).indices)
     return torch.cat(out).numpy()
+
+
+class Lists(Protocol):
+    """What training and validation read: numbered lists, drawn into batches (a
+    :class:`ListDataset` or generated :mod:`synthetic <locore.rerank.train.synthetic>` lists)."""
+
+    def __len__(self) -> int: ...
+
+    def batch(self, indices: np.ndarray, draws: np.ndarray | None = None) -> LocoreInputs: ...
 
 
 class ListDataset:

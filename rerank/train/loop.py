@@ -20,7 +20,6 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 import torch
@@ -30,14 +29,16 @@ from tqdm import tqdm
 from locore.core.atomic import write_text
 from locore.core.device import resolve_device
 from locore.core.errors import UserError
-from locore.rerank.locore.model import MODES, RECALL_AT, LocoreInputs, LocoreModel
-from locore.rerank.train.data import DataConfig, ListDataset, make_dataset
+from locore.rerank.locore.model import MODES, RECALL_AT, LocoreModel
+from locore.rerank.train.baselines import list_recalls
+from locore.rerank.train.data import DataConfig, ListDataset, Lists, make_dataset
 from locore.rerank.train.init import init_model
 
 logger = logging.getLogger(__name__)
 
 SCHEDULES = ("constant", "linear")
 STATE_FILE = "trainer_state.pt"
+BASELINES_FILE = "baselines.json"  # training-free recalls of the same lists (baselines.py)
 SELECTED_FILE = "selected.json"  # which checkpoint the final model is, when `best` is set
 STAT_NAMES = ("loss", *(f"{m}/recall@{k}" for m in MODES for k in RECALL_AT))
 VALIDATION_KEYS = tuple(f"val/{name}" for name in STAT_NAMES)
@@ -92,14 +93,6 @@ class TrainConfig:
                 raise UserError(
                     f"unknown train best {self.best!r}; choose one of {list(VALIDATION_KEYS)}"
                 )
-
-
-class Lists(Protocol):
-    """What the loop trains on: numbered lists, drawn into batches (see :class:`ListDataset`)."""
-
-    def __len__(self) -> int: ...
-
-    def batch(self, indices: np.ndarray, draws: np.ndarray) -> LocoreInputs: ...
 
 
 def sample_stream(n: int, seed: int, start: int, count: int) -> np.ndarray:
@@ -182,6 +175,8 @@ def train(config: TrainConfig, dataset: Lists | None = None) -> Path:
     data = dataset if dataset is not None else make_dataset(config.data, config.seed)
     held_out = ListDataset(config.validation, config.seed) if config.validation.features else None
     resume = _latest_checkpoint(out)
+    if rank == 0 and not (out / BASELINES_FILE).is_file():
+        write_baselines(out / BASELINES_FILE, data, held_out)
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     if resume is not None:
         model = LocoreModel.from_pretrained(resume, backend=config.backend, device=device)
@@ -271,6 +266,19 @@ def train(config: TrainConfig, dataset: Lists | None = None) -> Path:
     if distributed:
         torch.distributed.barrier()
     return out
+
+
+def write_baselines(path: Path, data: Lists, held_out: Lists | None) -> dict:
+    """``baselines.json``: recall@k of the training-free scores on the training lists and, as
+    ``val/<score>/recall@<k>``, on the validation lists (the log's names for the model)."""
+    started = time.perf_counter()
+    found = list_recalls(data)
+    if held_out is not None:
+        found |= {f"val/{k}": v for k, v in list_recalls(held_out).items()}
+    write_text(path, json.dumps(found, indent=1) + "\n")
+    shown = {k: round(v, 3) for k, v in found.items() if k.endswith("recall@1")}
+    logger.info("training-free recall@1 %s (%.1f s)", shown, time.perf_counter() - started)
+    return found
 
 
 def select_best(out: Path, log: list[dict], key: str, backend: str) -> LocoreModel:
