@@ -16,7 +16,7 @@ from locore.rerank.train.data import DataConfig, ListDataset
 from locore.rerank.train.loop import TrainConfig, train
 
 
-def _inputs(query, gallery, query_mask, gallery_mask, qg=None, gg=None, positive=None):
+def _inputs(query, gallery, query_mask, gallery_mask, qg=None, gg=None):
     def t(a):
         return None if a is None else torch.tensor(np.asarray(a, np.float32))
 
@@ -30,7 +30,6 @@ def _inputs(query, gallery, query_mask, gallery_mask, qg=None, gg=None, positive
         gallery_mask=torch.tensor(gallery_mask)[None],
         query_global=None if qg is None else t(qg)[None],
         gallery_global=None if gg is None else t(gg)[None],
-        positive_mask=None if positive is None else torch.tensor(positive)[None],
     )
 
 

@@ -26,9 +26,9 @@ def score_lists(inputs: LocoreInputs) -> dict[str, Tensor]:
     gallery = F.normalize(inputs.gallery_local.float(), dim=-1)  # [B, G, n, D]
     sims = torch.einsum("bnd,bgmd->bgnm", query, gallery)
     best = sims.masked_fill(inputs.gallery_mask[:, :, None, :], -torch.inf).amax(-1)  # [B,G,n]
-    valid = (~inputs.query_mask)[:, None, :].float()  # [B, 1, n]
-    best = torch.where(valid > 0, best, torch.zeros_like(best))  # padded query rows count 0
-    scores = {"chamfer": best.sum(-1) / valid.sum(-1).clamp(min=1)}
+    best = best.masked_fill(inputs.query_mask[:, None, :], 0)  # padded query rows count 0
+    count = (~inputs.query_mask).sum(-1, keepdim=True).clamp(min=1)  # [B, 1]
+    scores = {"chamfer": best.sum(-1) / count}
     if inputs.query_global is not None and inputs.gallery_global is not None:
         q = inputs.query_global.float().reshape(len(query), -1)  # [B, Dg]
         g = inputs.gallery_global.float().reshape(*gallery.shape[:2], -1)  # [B, G, Dg]
