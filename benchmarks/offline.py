@@ -11,7 +11,8 @@ chain is then evaluated on the same index through ``engine.evaluate.evaluate_ind
 rankings, Revisited Easy/Medium/Hard mAP). Chains: global, SuperGlobal, LoCoRe, SuperGlobal +
 LoCoRe, spatial, spatial + LoCoRe. SuperGlobal and spatial run with their defaults; LoCoRe is the
 config's ``locore`` stage (the demo checkpoint with the demo settings). Writes ``offline.json``
-and ``offline.csv`` (one row per collection and chain) and each chain's ``locore eval`` report.
+and ``offline.csv`` (one row per collection and chain), ``offline.png`` (each chain's Medium mAP
+change against global, a panel per collection) and each chain's ``locore eval`` report.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from locore.benchmarks import plots
 from locore.benchmarks.datasets import demo, heldout, offline_train
 from locore.benchmarks.fusion_grid import CACHE_FILE, METRICS_GND, FusionCache, labelled_rest
 from locore.core import config as cfg
@@ -221,7 +223,8 @@ def run(args: argparse.Namespace) -> int:
             delta = maps["medium"] - rows["global"]["medium"]
             writer.writerow([name, chain, *(f"{maps[p]:.2f}" for p in PROTOCOLS), f"{delta:.2f}"])
     write_text(out / "offline.csv", text.getvalue())
-    print(f"-> {out / 'offline.json'}, {out / 'offline.csv'}")
+    plots.chain_deltas(results, out / "offline.png")
+    print(f"-> {out / 'offline.json'}, {out / 'offline.csv'}, {out / 'offline.png'}")
     if args.save_logits:
         cache = CACHE_FILE.format(setup="hard")
         print(f"LoCoRe logits -> {out}/<collection>/<chain>/{cache} (bench fusion-grid --cache)")

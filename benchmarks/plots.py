@@ -1,4 +1,4 @@
-"""Pictures of results: ranked-result grids and per-query AP plots.
+"""Pictures of results: ranked-result grids, per-query AP plots and per-chain mAP changes.
 
 Figures are drawn on matplotlib's Agg canvas directly (``Figure`` + ``FigureCanvasAgg``), never
 through ``pyplot``: no backend switch, no global figure registry, safe in threads and servers.
@@ -386,5 +386,45 @@ def ap_delta_bars(
         ax.set_xticks([])
     n = ap_changes(x, y)
     ax.set_title(title or f"{label}: {n['up']} up, {n['down']} down, {n['same']} same", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, out_png)
+
+
+def chain_deltas(
+    results: Mapping[str, Mapping[str, Mapping[str, float]]],
+    out_png: Path,
+    protocol: str = "medium",
+    panel_inches: float = 3.2,
+) -> Path:
+    """One panel per collection: each re-ranking chain's mAP minus the global ranking's (points),
+    green gains and red losses, the global mAP in the panel title; what a table of many
+    collections and chains hides at a glance (``locore bench offline``'s ``offline.png``).
+
+    Args:
+        results: collection -> chain -> protocol -> mAP (%); every collection has a ``global``
+            row (``offline.json``'s ``results``).
+        out_png: output file; ``len(results) * panel_inches * 100`` by 300 pixels.
+        protocol: which protocol's mAP to compare (``easy``, ``medium``, ``hard``).
+    """
+    for name, rows in results.items():
+        if "global" not in rows:
+            raise UserError(f"collection {name!r} has no 'global' row to compare the chains with")
+        if any(protocol not in maps for maps in rows.values()):
+            have = sorted(rows["global"])
+            raise UserError(f"collection {name!r} lacks {protocol!r} mAP; choose one of {have}")
+    fig = _new_figure(round(len(results) * panel_inches * DPI), 3 * DPI)
+    axes = fig.subplots(1, max(len(results), 1), squeeze=False)[0]
+    for ax, (name, rows) in zip(axes, results.items()):
+        chains = [c for c in rows if c != "global"]
+        delta = [rows[c][protocol] - rows["global"][protocol] for c in chains]
+        colors = ["#2ca02c" if d >= 0 else "#d62728" for d in delta]
+        bars = ax.barh(np.arange(len(chains)), delta, color=colors, height=0.7)
+        ax.bar_label(bars, fmt="%+.2f", fontsize=7, padding=2)
+        ax.axvline(0, color="black", lw=0.8)
+        ax.margins(x=0.25)
+        ax.set_yticks(np.arange(len(chains)), chains, fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel(f"{protocol.capitalize()} mAP - global (points)", fontsize=8)
+        ax.set_title(f"{name}: global {rows['global'][protocol]:.2f}", fontsize=9)
     fig.tight_layout()
     return _save(fig, out_png)

@@ -113,6 +113,8 @@ def test_run_writes_one_consistent_table(tmp_path, capsys):
     for row in rows:
         assert float(row["medium"]) == pytest.approx(results[row["chain"]]["medium"], abs=0.005)
         assert f"{results[row['chain']]['medium']:8.2f}" in printed
+    # one panel: the one collection
+    assert cv2.imread(str(tmp_path / "offline.png")).shape == (300, 320, 3)
 
 
 def test_saved_logits_replay_the_single_window_locore_chain(tmp_path):

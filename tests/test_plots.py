@@ -18,6 +18,7 @@ from locore.benchmarks.plots import (
     ap_changes,
     ap_delta_bars,
     ap_scatter,
+    chain_deltas,
     ranked_grid,
 )
 from locore.core.errors import UserError
@@ -135,6 +136,26 @@ def test_ap_delta_bars(tmp_path: Path):
         assert (np.abs(image.astype(int) - colour).sum(axis=2) < 10).sum() > 20
     with pytest.raises(UserError, match="12 APs before but 3 after"):
         ap_delta_bars(before, after[:3], tmp_path / "x.png")
+
+
+def test_chain_deltas_panel_per_collection_gains_green_losses_red(tmp_path: Path):
+    results = {
+        "demo": {"global": {"medium": 90.0}, "a": {"medium": 92.0}, "b": {"medium": 89.0}},
+        "heldout": {"global": {"medium": 80.0}, "a": {"medium": 80.5}},
+    }
+    image = _pixels(chain_deltas(results, tmp_path / "c.png", panel_inches=3.0))
+    assert image.shape == (300, 600, 3)
+    for colour in ((44, 160, 44), (214, 39, 40)):
+        assert (np.abs(image.astype(int) - colour).sum(axis=2) < 10).sum() > 20
+    # no loss anywhere: no red bar
+    gains = {"demo": {k: v for k, v in results["demo"].items() if k != "b"}}
+    image = _pixels(chain_deltas(gains, tmp_path / "g.png"))
+    assert (np.abs(image.astype(int) - (214, 39, 40)).sum(axis=2) < 10).sum() == 0
+    with pytest.raises(UserError, match="'heldout' has no 'global' row"):
+        chain_deltas({"heldout": {"a": {"medium": 1.0}}}, tmp_path / "x.png")
+    with pytest.raises(UserError, match="lacks 'hard' mAP; choose one of \\['medium'\\]"):
+        chain_deltas(results, tmp_path / "x.png", protocol="hard")
+    assert not (tmp_path / "x.png").exists()
 
 
 def test_ranked_grid_of_several_queries_with_file_names(tmp_path: Path):
