@@ -6,11 +6,11 @@ of 296 tensors); they are mapped position by position onto timm's ``tf_efficient
 
 Descriptors:
     global: GeM (p = 3) over the last feature map (1280-D, after ``conv_head``), L2-normalised.
-    local: the stride-16 feature map (112-D, output of stage 4); each location's saliency is the
-        L2 norm of its activation vector (strong, distinctive responses are kept); the top-K
-        locations by saliency are L2-normalised and stored with the five official metadata
-        columns (position = patch centre normalised by the resized size, scale id 0, padding flag,
-        weight = saliency).
+    local: the output map of one stage (``local_stage``: 4 by default, 112-D at stride 16; 6
+        gives 320-D at stride 32); each location's saliency is the L2 norm of its activation
+        vector (strong, distinctive responses are kept); the top-K locations by saliency are
+        L2-normalised and stored with the five official metadata columns (position = patch
+        centre normalised by the resized size, scale id 0, padding flag, weight = saliency).
 """
 
 from __future__ import annotations
@@ -27,8 +27,10 @@ from locore.feature_extractors.base import Extractor, ImageFeatures, LocalFeatur
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-LOCAL_STAGE = 4  # blocks[4]: 112 channels at stride 16
-LOCAL_STRIDE = 16
+# Stage index of ``net.blocks`` -> (channels, stride) of its output map: the choices of locals.
+# Stage 4 is the default; stage 6's locals rank unseen photos better training-free but are 3x
+# wider and 4x coarser (rerank/checkpoints/locore_offline/MODEL_CARD.md).
+LOCAL_STAGES = {3: (80, 16), 4: (112, 16), 5: (192, 32), 6: (320, 32)}
 SIDE_MULTIPLE = 32  # network stride; quantising sides to it keeps size buckets few
 
 
@@ -68,7 +70,6 @@ class EfficientNetLite0(Extractor):
     """EfficientNet-Lite0 global (GeM) + top-K salient local descriptors."""
 
     global_dim = 1280
-    local_dim = 112
 
     def __init__(
         self,
@@ -77,10 +78,18 @@ class EfficientNetLite0(Extractor):
         imsize: int = 384,
         gem_p: float = 3.0,
         min_side: int = 32,
+        local_stage: int = 4,
     ):
         super().__init__()
         import timm
 
+        if local_stage not in LOCAL_STAGES:
+            raise UserError(
+                f"local_stage {local_stage} is not a stage with locals; "
+                f"choose one of {sorted(LOCAL_STAGES)}"
+            )
+        self.local_stage = local_stage
+        self.local_dim, self.local_stride = LOCAL_STAGES[local_stage]
         self.num_local = num_local
         self.imsize = imsize
         self.gem_p = gem_p
@@ -116,13 +125,14 @@ class EfficientNetLite0(Extractor):
         return (x - self.mean.cpu()) / self.std.cpu()
 
     def feature_maps(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[B, 3, H, W]`` -> (local ``[B, 112, H/16, W/16]``, last ``[B, 1280, H/32, W/32]``)."""
+        """``[B, 3, H, W]`` -> (local ``[B, C, H/s, W/s]`` of ``local_stage`` (C, s: its
+        ``LOCAL_STAGES`` entry), last ``[B, 1280, H/32, W/32]``)."""
         net = self.net
         x = net.bn1(net.conv_stem(x))
         local = None
         for i, stage in enumerate(net.blocks):
             x = stage(x)
-            if i == LOCAL_STAGE:
+            if i == self.local_stage:
                 local = x
         return local, net.bn2(net.conv_head(x))
 
@@ -138,10 +148,11 @@ class EfficientNetLite0(Extractor):
         rows = torch.arange(gh, device=tokens.device).repeat_interleave(gw)
         cols = torch.arange(gw, device=tokens.device).repeat(gh)
         h, w = images.shape[2:]
+        stride = self.local_stride
         positions = torch.stack(
             [
-                (rows * LOCAL_STRIDE + LOCAL_STRIDE / 2) / h,
-                (cols * LOCAL_STRIDE + LOCAL_STRIDE / 2) / w,
+                (rows * stride + stride / 2) / h,
+                (cols * stride + stride / 2) / w,
             ],
             dim=1,
         )
@@ -168,6 +179,7 @@ def efficientnet_lite0(
     num_local: int = 49,
     imsize: int = 384,
     gem_p: float = 3.0,
+    local_stage: int = 4,
     device: str = "cpu",
 ) -> EfficientNetLite0:
     """The offline default extractor.
@@ -178,6 +190,7 @@ def efficientnet_lite0(
         num_local: local descriptors kept per image (K rows, padded).
         imsize: long side of the resized full image.
         gem_p: GeM exponent of the global descriptor.
+        local_stage: the stage whose output map gives the locals (``LOCAL_STAGES``).
         device: torch device.
     """
-    return EfficientNetLite0(weights, num_local, imsize, gem_p).to(device)
+    return EfficientNetLite0(weights, num_local, imsize, gem_p, local_stage=local_stage).to(device)

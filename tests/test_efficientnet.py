@@ -11,7 +11,6 @@ from skimage import data
 
 from locore import feature_extractors
 from locore.core.errors import UserError
-from locore.feature_extractors.efficientnet import LOCAL_STRIDE
 
 
 @pytest.fixture(scope="module")
@@ -29,17 +28,21 @@ def test_real_weights_classify_real_photos(extractor, photo, label):
     assert probs.max().item() > 0.5
 
 
-def test_descriptors_follow_the_documented_definition(extractor):
-    image = data.astronaut()
+@pytest.mark.parametrize(("stage", "dim", "stride"), [(4, 112, 16), (6, 320, 32)])
+def test_descriptors_follow_the_documented_definition(extractor, stage, dim, stride):
+    if stage != extractor.local_stage:
+        extractor = feature_extractors.create("efficientnet_lite0", local_stage=stage)
+    image = data.astronaut()  # 512 x 512 -> 384 x 384
     feats = extractor.extract(image)
     x = extractor.preprocess(image)[None]
     local_map, last = extractor.feature_maps(x)
+    assert local_map.shape[1:] == (dim, 384 // stride, 384 // stride)
     # global: GeM p=3 of the last map, L2-normalised
     gem = last.clamp(min=1e-6).pow(3).mean(dim=(2, 3)).pow(1 / 3)[0]
     rel = float32_bound(2, 1280)  # a spatial mean and a 1280-term norm, on the same maps
     assert_close(feats.global_desc, gem / gem.norm(), rel, "global")
     assert_close(np.linalg.norm(feats.global_desc), 1.0, rel, "global norm")
-    # local: top-49 locations of the stride-16 map by activation norm, normalised
+    # local: top-49 locations of the stage's map by activation norm, normalised
     tokens = local_map[0].flatten(1).T
     norms = tokens.norm(dim=1)
     top = torch.topk(norms, 49).indices
@@ -49,11 +52,11 @@ def test_descriptors_follow_the_documented_definition(extractor):
     r, c = top[0].item() // gw, top[0].item() % gw
     h, w = x.shape[2:]
     assert feats.local.positions[0].tolist() == pytest.approx(
-        [(r * LOCAL_STRIDE + 8) / h, (c * LOCAL_STRIDE + 8) / w]
+        [(r * stride + stride / 2) / h, (c * stride + stride / 2) / w]
     )
     assert not feats.local.mask.any() and (np.diff(feats.local.weights) <= 0).all()
     rows = feats.local.to_rows()
-    assert rows.shape == (49, 5 + 112) and (rows[:, 3] == 0).all()
+    assert rows.shape == (49, 5 + dim) and (rows[:, 3] == 0).all()
 
 
 def test_box_crop_and_padding_rows(extractor):
@@ -83,5 +86,7 @@ def test_wrong_weights_file_is_reported(tmp_path):
 def test_unknown_option_and_name():
     with pytest.raises(UserError, match="unknown option 'topk'.*valid options"):
         feature_extractors.create("efficientnet_lite0", topk=3)
+    with pytest.raises(UserError, match=r"local_stage 2 .*choose one of \[3, 4, 5, 6\]"):
+        feature_extractors.create("efficientnet_lite0", local_stage=2)
     with pytest.raises(UserError, match="unknown extractor 'nope'"):
         feature_extractors.create("nope")
