@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from locore.core.device import autocast
 from locore.core.errors import UserError
 from locore.core.weights import RANDOM, load_state, load_strict
 from locore.feature_extractors.base import Extractor, ImageFeatures, LocalFeatures
@@ -161,7 +162,7 @@ class DinoV2Extractor(Extractor):
     def extract_batch(self, images: torch.Tensor) -> list[ImageFeatures]:
         """``[B, 3, H', W']`` -> features; ViT under the chosen autocast, detector in float32."""
         dtype = AUTOCAST[self.dtype]
-        with torch.autocast(images.device.type, dtype=dtype, enabled=dtype is not None):
+        with autocast(images.device, dtype):
             cls, patches = vit_tokens(self.vit, images)
         desc, weight = self.detector(patches.float())
         # Official: normalise per scale, then the mean over the (single) scale again.

@@ -27,6 +27,8 @@ SELECTED = [
     "test_locore_model.py::test_fast_matches_hf[many-chunks]",
     "test_dinov2.py::test_vit_tokens_match_an_independent_forward",
     "test_dinov2.py::test_extraction_matches_the_spec_formulas",
+    # bfloat16 attention: torch's AMX packing fails under these kernels (core.device.autocast)
+    "test_dinov2.py::test_bf16_autocast_stays_close_and_bad_dtype_is_rejected",
 ]
 
 

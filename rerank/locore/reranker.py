@@ -20,7 +20,6 @@ inference mode on many queries' windows at once.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 from typing import TYPE_CHECKING
@@ -28,7 +27,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from locore.core.device import resolve_device
+from locore.core.device import autocast, resolve_device
 from locore.core.errors import UserError
 from locore.core.layout import NUM_META
 from locore.rerank.base import Database, LogitReranker, Queries, RerankResult, WindowLogits
@@ -155,18 +154,12 @@ class LocoreScorer:
                 else None
             ),
         )
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode(), autocast(self.device, AUTOCAST[self.options.dtype]):
             scores = self.model(inputs).scores[self.options.mode]
         return scores.double().cpu().numpy() * self.scale
 
     def _tensor(self, array: np.ndarray, dtype: torch.dtype | None = None) -> torch.Tensor:
         return torch.as_tensor(np.asarray(array), dtype=dtype, device=self.device)
-
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        dtype = AUTOCAST[self.options.dtype]
-        if dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=dtype)
 
 
 def query_locals(rows: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

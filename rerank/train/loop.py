@@ -27,7 +27,7 @@ from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from locore.core.atomic import write_text
-from locore.core.device import resolve_device
+from locore.core.device import autocast, resolve_device
 from locore.core.errors import UserError
 from locore.rerank.locore.model import MODES, RECALL_AT, LocoreModel
 from locore.rerank.train.baselines import list_recalls
@@ -232,7 +232,7 @@ def train(config: TrainConfig, dataset: Lists | None = None) -> Path:
                 last = a == config.grad_accum - 1
                 sync = net.no_sync() if distributed and not last else contextlib.nullcontext()
                 with sync:
-                    with torch.autocast(device.type, torch.bfloat16, enabled=config.bf16):
+                    with autocast(device, torch.bfloat16 if config.bf16 else None):
                         output = net(inputs)
                     (output.loss / config.grad_accum).backward()
                 window.append(_stats(output))
