@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from locore.core.device import autocast
 from locore.core.errors import UserError
 from locore.core.weights import RANDOM, load_state, load_strict
 from locore.feature_extractors.base import Extractor, ImageFeatures, LocalFeatures
@@ -165,7 +166,7 @@ class DelgExtractor(Extractor):
         for scale in self.local_scales + extra:
             size = (round(h * scale), round(w * scale))
             xs = x if size == (h, w) else bilinear_resize(x, size, antialias=False)
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            with autocast(device, dtype):
                 s3_pre, s4 = self.model.backbone.forward_maps(xs, full=scale in self.global_scales)
             if s4 is not None:
                 g = self.model.backbone.global_head(s4.float())

@@ -68,7 +68,7 @@ from locore.benchmarks.speed.index import rss_mib
 from locore.benchmarks.speed.latency import PeakMemory, random_store
 from locore.benchmarks.speed.rerank import DTYPES, random_inputs
 from locore.core import atomic
-from locore.core.device import resolve_device
+from locore.core.device import autocast, resolve_device
 from locore.feature_extractors.registry import EXTRACTORS
 from locore.indexing.global_index import GlobalIndex
 from locore.indexing.shortlist import Shortlist
@@ -478,7 +478,7 @@ def train_step(plan: Plan, device: torch.device, checkpointing: bool) -> Callabl
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, torch.bfloat16):
+        with autocast(device, torch.bfloat16):
             output = model(host.to(device))
         output.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
