@@ -78,6 +78,30 @@ def test_scratch_and_our_checkpoint(tmp_path):
     assert small.config.local_dim == 32
 
 
+def test_identity_start_sets_the_attention_maps_and_nothing_else():
+    torch.manual_seed(0)
+    plain = dict(init_model("micro").named_parameters())
+    torch.manual_seed(0)
+    model = init_model("micro", "scratch-identity")
+    assert model.training
+    changed = set()
+    for name, param in model.named_parameters():
+        if not torch.equal(param, plain[name]):
+            changed.add(name)
+    maps = {
+        f"language_model.longformer.encoder.layer.{i}.attention.self.{m}.weight"
+        for i in range(model.config.num_layers)
+        for m in ("query", "key", "query_global", "key_global")
+    }
+    assert changed == maps
+    for name in maps:
+        assert torch.equal(dict(model.named_parameters())[name], torch.eye(64))
+    # so attention logits start as embedding dot products: q . k = x . y
+    attn = model.language_model.longformer.encoder.layer[0].attention.self
+    x, y = torch.randn(2, 64).unbind()
+    assert torch.allclose(attn.query(x) @ attn.key(y), x @ y, rtol=1e-5, atol=1e-5)
+
+
 def test_bad_init_sources(tmp_path):
     with pytest.raises(UserError, match="neither 'scratch'"):
         init_model("micro", "no such thing")

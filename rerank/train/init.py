@@ -3,6 +3,12 @@
 ``init`` values (``TrainConfig.init``):
 
 * ``scratch``: the preset's architecture with HF-style random weights;
+* ``scratch-identity``: the same, with every attention layer's query and key maps (local and
+  global) at the identity: attention weighs tokens by the similarity of their embeddings from the
+  first step. At N(0, 0.02) those weights start attention nearly uniform and its gradient
+  towards matching tiny; from the identity a micro model learnt lists whose positives are told
+  apart only by shared locals in 1,000 steps, against 4,000 steps without getting far
+  (rerank/checkpoints/locore_offline/MODEL_CARD.md, "Attention that starts by matching");
 * a folder holding our ``config.json`` (``model_type: locore``): continue from that checkpoint;
 * a Longformer or RoBERTa folder (``config.json`` + ``model.safetensors`` or
   ``pytorch_model.bin``) or a Hugging Face id such as ``allenai/longformer-base-4096``: the
@@ -32,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 LANGUAGE_MODELS = ("longformer", "roberta")
 _GLOBAL_COPIES = ("query", "key", "value")
+_MATCHING_MAPS = ("query", "key", "query_global", "key_global")  # the maps of q . k
 
 
 def init_model(
@@ -45,7 +52,8 @@ def init_model(
 
     Args:
         preset: architecture preset name or YAML path (descriptor widths, window, positions).
-        init: ``scratch``, our checkpoint folder, or a Longformer/RoBERTa folder or HF id.
+        init: ``scratch``, ``scratch-identity``, our checkpoint folder, or a Longformer/RoBERTa
+            folder or HF id.
         backend: attention backend, ``fast`` or ``hf``.
         layers: keep only the first ``layers`` pretrained layers (0 = all).
         overrides: preset keys to change (e.g. ``{"local_dim": 112}``).
@@ -53,13 +61,17 @@ def init_model(
     architecture = LocoreConfig.from_yaml(preset).replace(
         **{**(overrides or {}), "backend": backend}
     )
-    if init == "scratch":
-        return build_model(architecture).train()
+    if init in ("scratch", "scratch-identity"):
+        model = build_model(architecture)
+        if init == "scratch-identity":
+            identity_attention(model)
+        return model.train()
     folder = Path(init)
     if not folder.is_dir():
         if not HUB_ID.fullmatch(init):
             raise UserError(
-                f"train init {init!r} is neither 'scratch', a folder nor a Hugging Face id"
+                f"train init {init!r} is neither 'scratch', 'scratch-identity', a folder nor a "
+                "Hugging Face id"
             )
         folder = _download(init)
     meta = _read_config(folder)
@@ -75,6 +87,17 @@ def init_model(
     init_from_longformer(model, language_model_weights(folder, meta["model_type"]))
     logger.info("initialised %d-layer LoCoRe from %s", config.num_layers, folder)
     return model.train()
+
+
+def identity_attention(model: LocoreModel) -> None:
+    """Every attention layer's query and key maps, local and global, become the identity (zero
+    bias), so that ``q . k`` is the dot product of the two tokens' embeddings."""
+    with torch.no_grad():
+        for layer in model.language_model.longformer.encoder.layer:
+            for name in _MATCHING_MAPS:
+                linear = getattr(layer.attention.self, name)
+                linear.weight.copy_(torch.eye(*linear.weight.shape))
+                linear.bias.zero_()
 
 
 def language_model_config(preset: LocoreConfig, meta: dict, layers: int = 0) -> LocoreConfig:

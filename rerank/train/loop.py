@@ -52,7 +52,7 @@ class TrainConfig:
     validation: DataConfig = DataConfig()  # held-out lists scored at every checkpoint ("" = none)
     model: str = "micro"  # architecture: preset name (configs/rerankers) or YAML path
     model_overrides: dict = dataclasses.field(default_factory=dict)  # preset keys to change
-    init: str = "scratch"  # scratch | our checkpoint | Longformer/RoBERTa folder or HF id
+    init: str = "scratch"  # scratch | scratch-identity | our checkpoint | Longformer/RoBERTa/HF id
     init_layers: int = 0  # keep the first N pretrained layers (0 = all; official num_layers_kept)
     out: str = "runs/locore"  # run folder: checkpoints, logs, final model
     steps: int = 1000  # optimiser steps
