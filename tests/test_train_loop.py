@@ -125,7 +125,7 @@ def test_bf16_and_hf_backend_train(features, tmp_path):
 
 
 def test_presets_and_cli(tmp_path, capsys):
-    for name in ("synthetic", "demo", "gldv2_base", "offline"):
+    for name in ("synthetic", "demo", "gldv2_base", "offline", "offline_pasted"):
         cfg.load(TrainConfig, name, kind="train")
     with pytest.raises(UserError, match="unknown config key data.lists"):
         cfg.load(TrainConfig, "demo", ["data.lists=3"], kind="train")

@@ -25,11 +25,12 @@ from locore.core.layout import GLOBAL_FILE, LOCAL_FILE
 from locore.indexing.local_store import LocalStore
 from locore.indexing.shortlist import Shortlist, read_raw_globals
 from locore.rerank.locore.model import LocoreInputs
+from locore.rerank.train.pasted import PastedLists
 from locore.rerank.train.synthetic import SyntheticLists, SyntheticSpec
 
 logger = logging.getLogger(__name__)
 
-SOURCES = ("features", "synthetic")
+SOURCES = ("features", "synthetic", "pasted")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,8 +48,10 @@ class DataConfig:
     max_positives: int = 100  # cap on positives kept per list (official max_pos_per_topk)
     min_positives: int = 0  # inject random positives up to this many (official: 0, never)
     shuffle_gallery: bool = True  # permute each list per draw (the official augmentation)
-    source: str = "features"  # features (an extraction) | synthetic (locore.rerank.train.synthetic)
-    synthetic_lists: int = 2000  # lists generated when source is synthetic
+    # features: an extraction's images and labels; synthetic: generated descriptors
+    # (rerank/train/synthetic.py); pasted: an extraction's images, no labels (train/pasted.py)
+    source: str = "features"
+    synthetic_lists: int = 2000  # lists generated when source is synthetic or pasted
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
@@ -137,45 +140,49 @@ class Lists(Protocol):
     def batch(self, indices: np.ndarray, draws: np.ndarray | None = None) -> LocoreInputs: ...
 
 
+def open_features(config: DataConfig) -> tuple[LocalStore, np.ndarray]:
+    """The local store and the ``[N, Dg]`` globals of ``config.features``, checked against the
+    list length and the locals per image ``config`` asks for."""
+    if not config.features:
+        raise UserError("set data.features to an extraction folder (local.h5 + global.f32)")
+    folder = Path(config.features)
+    store = LocalStore(folder / LOCAL_FILE)
+    count = len(store)
+    if count <= config.list_length:
+        raise UserError(
+            f"{count} training images cannot fill lists of {config.list_length}; "
+            "lower data.list_length"
+        )
+    if store.num_local < config.num_local:
+        raise UserError(
+            f"{folder / LOCAL_FILE} stores {store.num_local} locals per image; lower "
+            f"data.num_local={config.num_local}"
+        )
+    size = (folder / GLOBAL_FILE).stat().st_size if (folder / GLOBAL_FILE).is_file() else 0
+    if size == 0 or size % (4 * count):
+        raise UserError(f"{folder / GLOBAL_FILE} does not hold {count} float32 rows; re-extract")
+    globals_ = read_raw_globals(folder / GLOBAL_FILE, size // (4 * count), count, prefix=True)
+    return store, np.asarray(globals_)
+
+
 class ListDataset:
     """Builds :class:`LocoreInputs` batches of training lists from an extraction folder."""
 
     def __init__(self, config: DataConfig, seed: int = 0):
-        if not config.features:
-            raise UserError("set data.features to an extraction folder (local.h5 + global.f32)")
+        self.store, self.globals = open_features(config)
         if bool(config.labels) == bool(config.pairs):
             raise UserError(
                 "set exactly one of data.labels ('name,class' lines) and data.pairs "
                 "('name_a,name_b' lines of positive pairs)"
             )
         self.config, self.seed = config, seed
-        folder = Path(config.features)
-        self.store = LocalStore(folder / LOCAL_FILE)
         if self.store.names is None:
-            raise UserError(f"{folder / LOCAL_FILE} stores no image names; re-extract it")
+            raise UserError(f"{config.features}/{LOCAL_FILE} stores no image names; re-extract it")
         count = len(self.store)
         if config.labels:
             self.labels = read_labels(Path(config.labels), self.store.names)
         else:
             self.partners = read_pairs(Path(config.pairs), self.store.names)
-        if count <= config.list_length:
-            raise UserError(
-                f"{count} training images cannot fill lists of {config.list_length}; "
-                "lower data.list_length"
-            )
-        if self.store.num_local < config.num_local:
-            raise UserError(
-                f"{folder / LOCAL_FILE} stores {self.store.num_local} locals per image; lower "
-                f"data.num_local={config.num_local}"
-            )
-        size = (folder / GLOBAL_FILE).stat().st_size if (folder / GLOBAL_FILE).is_file() else 0
-        if size == 0 or size % (4 * count):
-            raise UserError(
-                f"{folder / GLOBAL_FILE} does not hold {count} float32 rows; re-extract"
-            )
-        self.globals = np.asarray(
-            read_raw_globals(folder / GLOBAL_FILE, size // (4 * count), count, prefix=True)
-        )
         if config.shortlist:
             ids = Shortlist.load(Path(config.shortlist)).ids
             if len(ids) != count:
@@ -255,7 +262,13 @@ class ListDataset:
 
 
 def make_dataset(config: DataConfig, seed: int):
-    """The lists of ``config``: a :class:`ListDataset`, or generated synthetic lists."""
+    """The lists of ``config``: a :class:`ListDataset`, generated synthetic lists, or pasted
+    lists over an extraction."""
     if config.source == "synthetic":
         return SyntheticLists(SyntheticSpec(), config.synthetic_lists, seed)
+    if config.source == "pasted":
+        store, globals_ = open_features(config)
+        return PastedLists(
+            store, globals_, config.synthetic_lists, config.list_length, config.num_local, seed
+        )
     return ListDataset(config, seed)
