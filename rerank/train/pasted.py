@@ -68,11 +68,6 @@ class PastedLists:
     def __len__(self) -> int:
         return self.count
 
-    def _rows(self, image: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``[n, D]`` descriptors, ``[n]`` scale ids and ``[n]`` padding mask of one image."""
-        rows = self.store.gather(np.array([[image]]), self.num_local)
-        return rows.descriptors[0, 0].copy(), rows.scales[0, 0], rows.mask[0, 0]
-
     def make(self, draw: int) -> dict[str, np.ndarray]:
         """List ``draw``: query and gallery locals, masks, globals and ``labels`` ``[G]``."""
         spec, rng = self.spec, np.random.default_rng([self.seed, draw])
@@ -80,10 +75,13 @@ class PastedLists:
         query = int(rng.integers(n_images))
         others_all = np.delete(np.arange(n_images), query)  # donors, too: never the query
         others = rng.choice(others_all, g, replace=False)
-        q_desc, q_scales, q_mask = self._rows(query)
+        donors = rng.choice(others_all, g)  # whose locals fill gallery image j's other pastes
+        # One read of the list's images: [query, gallery (G), donors (G)].
+        read = self.store.gather(np.concatenate([[query], others, donors])[None], self.num_local)
+        all_desc, all_scales, all_mask = read.descriptors[0], read.scales[0], read.mask[0]
+        q_desc, q_scales, q_mask = all_desc[0], all_scales[0], all_mask[0]
         q_valid = np.flatnonzero(~q_mask)
-        gathered = self.store.gather(others[None], self.num_local)
-        desc, scales, mask = gathered.descriptors[0].copy(), gathered.scales[0], gathered.mask[0]
+        desc, scales, mask = all_desc[1 : g + 1].copy(), all_scales[1 : g + 1], all_mask[1 : g + 1]
         positives = int(rng.integers(1, spec.max_positives + 1))
         hard_end = min(positives + spec.hard, g)
         for j in range(g):
@@ -96,12 +94,12 @@ class PastedLists:
             else:
                 from_query = 0
             from_query = min(from_query, k, len(q_valid))
-            donor_desc, _, donor_mask = self._rows(int(rng.choice(others_all)))
-            donor = donor_desc[~donor_mask]
+            donor = all_desc[g + 1 + j][~all_mask[g + 1 + j]]
+            take = k - from_query
             sources = np.concatenate(
                 [
                     q_desc[rng.choice(q_valid, from_query, replace=False)],
-                    donor[rng.choice(len(donor), k - from_query, replace=len(donor) < k)],
+                    donor[rng.choice(len(donor), take, replace=len(donor) < take)],
                 ]
             )
             sigma = rng.uniform(*spec.noise, size=(k, 1))
