@@ -9,8 +9,9 @@ chooses the fusion stored with the checkpoint.
 Each collection is indexed once with the pipeline config (``--config``, default ``demo``); every
 chain is then evaluated on the same index through ``engine.evaluate.evaluate_index`` (full-database
 rankings, Revisited Easy/Medium/Hard mAP). Chains: global, SuperGlobal, LoCoRe, SuperGlobal +
-LoCoRe, spatial, spatial + LoCoRe. SuperGlobal and spatial run with their defaults; LoCoRe is the
-config's ``locore`` stage (the demo checkpoint with the demo settings). Writes ``offline.json``
+LoCoRe, spatial, spatial + LoCoRe, diffusion, and SuperGlobal + diffusion without, before and
+after LoCoRe. A stage the config lists runs with the config's options (LoCoRe: the demo
+checkpoint with the demo settings), the others with their defaults. Writes ``offline.json``
 and ``offline.csv`` (one row per collection and chain), ``offline.png`` (each chain's Medium mAP
 change against global, a panel per collection) and each chain's ``locore eval`` report.
 """
@@ -57,6 +58,10 @@ CHAINS = {
     "superglobal+locore": ("superglobal", "locore"),
     "spatial": ("spatial",),
     "spatial+locore": ("spatial", "locore"),
+    "diffusion": ("diffusion",),
+    "superglobal+diffusion": ("superglobal", "diffusion"),
+    "superglobal+diffusion+locore": ("superglobal", "diffusion", "locore"),
+    "superglobal+locore+diffusion": ("superglobal", "locore", "diffusion"),
 }
 COLLECTIONS = ("demo", "heldout", "validation")
 
@@ -96,14 +101,15 @@ def collection(name: str, root: Path, seed: int, spec: heldout.HeldoutSpec) -> t
 
 
 def chain_stages(chain: str, config: PipelineConfig) -> tuple[StageConfig, ...]:
-    """The stages of ``chain``: defaults for SuperGlobal and spatial, the config's LoCoRe."""
+    """The stages of ``chain``: a stage the config's ``search.rerank`` holds runs with its options
+    there (LoCoRe must be there: it needs a checkpoint), any other with its defaults."""
     configured = {s.name: s for s in config.search.rerank}
     if "locore" in CHAINS[chain] and "locore" not in configured:
         raise UserError(
             f"chain {chain} needs a locore stage in the config's search.rerank; use "
             "--config demo or a config with one"
         )
-    return tuple(configured[n] if n == "locore" else StageConfig(n) for n in CHAINS[chain])
+    return tuple(configured.get(n, StageConfig(n)) for n in CHAINS[chain])
 
 
 def evaluate_chains(
@@ -189,13 +195,14 @@ def save_window_logits(
 
 def format_table(results: dict[str, dict[str, dict[str, float]]]) -> str:
     """One block per collection: mAP per protocol and the Medium difference to global."""
-    lines = [f"{'collection':<12}{'chain':<22}{'Easy':>8}{'Medium':>8}{'Hard':>8}{'dM':>8}"]
+    width = max([22] + [len(chain) + 2 for rows in results.values() for chain in rows])
+    lines = [f"{'collection':<12}{'chain':<{width}}{'Easy':>8}{'Medium':>8}{'Hard':>8}{'dM':>8}"]
     for name, rows in results.items():
         base = rows["global"]["medium"]
         for chain, maps in rows.items():
             values = "".join(f"{maps[p]:8.2f}" for p in PROTOCOLS)
             delta = "" if chain == "global" else f"{maps['medium'] - base:+8.2f}"
-            lines.append(f"{name:<12}{chain:<22}{values}{delta}")
+            lines.append(f"{name:<12}{chain:<{width}}{values}{delta}")
     return "\n".join(lines)
 
 

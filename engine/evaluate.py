@@ -426,13 +426,14 @@ def format_metrics(report: EvalReport) -> str:
         f"{report.num_queries} queries, {report.num_db} database images, "
         f"shortlist {report.shortlist}; {report.ranking}; mAP (%)"
     ]
-    lines.append(f"{'':<28}{'Easy':>8}{'Medium':>8}{'Hard':>8}")
     rows = [("global", report.before)]
     if report.after is not None:
         rows.append(("re-ranked: " + "+".join(report.rerank), report.after))
+    width = max(28, *(len(label) + 2 for label, _ in rows))
+    lines.append(f"{'':<{width}}{'Easy':>8}{'Medium':>8}{'Hard':>8}")
     for label, metrics in rows:
         values = "".join(f"{metrics[p]['map']:8.2f}" for p in PROTOCOLS)
-        lines.append(f"{label:<28}{values}")
+        lines.append(f"{label:<{width}}{values}")
     if report.comparison is not None:
         first = report.comparison[PROTOCOLS[0]]
         lines.append(

@@ -15,6 +15,7 @@ RERANKERS = Registry(
     {
         "superglobal": "locore.rerank.superglobal:superglobal",
         "spatial": "locore.rerank.spatial:spatial",
+        "diffusion": "locore.rerank.diffusion:diffusion",
         "locore": "locore.rerank.locore.reranker:locore",
         # the paper's checkpoint (vislang/locore_dinov2_base) is the factory's default
         "locore_base": "locore.rerank.locore.reranker:locore",

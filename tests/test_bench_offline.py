@@ -76,11 +76,14 @@ def test_bad_sizes_are_user_errors(tmp_path):
     assert not any(tmp_path.iterdir())  # refused before anything is written
 
 
-def test_chains_take_the_configs_locore_stage():
-    config = cfg.load(PipelineConfig, "demo")
+def test_chains_take_the_configs_stages_and_defaults_for_the_others():
+    overrides = ["search.rerank.0.options.k=3", "search.rerank.2.options.seeds=4"]
+    config = cfg.load(PipelineConfig, "demo", overrides)
     stages = offline.chain_stages("spatial+locore", config)
     assert stages[0] == StageConfig("spatial")
     assert stages[1] == next(s for s in config.search.rerank if s.name == "locore")
+    stages = offline.chain_stages("superglobal+diffusion", config)
+    assert stages == (StageConfig("superglobal", {"k": 3}), StageConfig("diffusion", {"seeds": 4}))
     with pytest.raises(UserError, match="locore stage"):
         offline.chain_stages("locore", PipelineConfig())
 
