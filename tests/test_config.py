@@ -31,8 +31,8 @@ def test_overrides_nested_lists_and_types():
     assert config.extractor.options == {"num_local": 49, "imsize": 512}
     assert config.search.rerank == (StageConfig("superglobal", {}),)
     demo = cfg.load(PipelineConfig, "demo", ["search.rerank.1.options.checkpoint=runs/mine"])
-    first, stage = demo.search.rerank
-    assert first == StageConfig("superglobal", {})
+    first, stage, last = demo.search.rerank
+    assert first == StageConfig("superglobal", {}) and last == StageConfig("diffusion", {})
     assert stage.options["checkpoint"] == "runs/mine" and stage.options["window"] == 32
 
 

@@ -90,7 +90,7 @@ def test_demo_reranker_changes_ranks(demo_index, tmp_path):
     """The demo preset's LoCoRe checkpoint (with its stored fusion) re-ranks the demo."""
     collection, index_dir = demo_index
     demo = cfg.load(PipelineConfig, "demo")
-    assert [s.name for s in demo.search.rerank] == ["superglobal", "locore"]
+    assert [s.name for s in demo.search.rerank] == ["superglobal", "locore", "diffusion"]
     stage = demo.search.rerank[1]
     # Its stored fusion leans on the global similarity (alpha 0.9): weigh the model's logits
     # more here, so that the checkpoint itself must move images.

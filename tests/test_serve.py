@@ -270,7 +270,7 @@ def test_stats_health_page_and_offline_docs(client):
     assert client.get("/healthz").json()["status"] == "ok"
     stats = client.get("/stats").json()
     assert stats["extractor"]["name"] == "efficientnet_lite0" and stats["device"] == "cpu"
-    assert stats["chains"] == {"none": [], "default": ["superglobal", "locore"]}
+    assert stats["chains"] == {"none": [], "default": ["superglobal", "locore", "diffusion"]}
     assert stats["requests"]["/search 200"] >= 1
     assert stats["search_latency_ms"]["p50"] <= stats["search_latency_ms"]["p99"]
     page = client.get("/")
