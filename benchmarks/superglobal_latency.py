@@ -1,12 +1,15 @@
-"""Per-query latency of SuperGlobal re-ranking (M shortlisted descriptors of D dimensions).
+"""Per-query latency of the global-only re-ranking stages, SuperGlobal and diffusion (M
+shortlisted descriptors of D dimensions).
 
-Two numbers per setting: ``compute`` (the batched matrix work of
-:func:`rerank.superglobal.superglobal_scores` on descriptors already on the device) and ``stage``
-(:meth:`SuperGlobalReranker.rerank` end to end: gathering the shortlisted rows from a database
-array, the compute, and the re-sort), each divided by the number of queries in the batch.
+Two numbers per setting: ``compute`` (the batched matrix work,
+:func:`rerank.superglobal.superglobal_scores` or :func:`rerank.diffusion.diffusion_scores`, on
+descriptors already on the device) and ``stage`` (the stage's ``rerank`` end to end: gathering
+the shortlisted rows from a database array, the compute, and the re-sort), each divided by the
+number of queries in the batch. Diffusion always solves in float64 (``--dtype`` is SuperGlobal's).
 
 Usage (wired as ``locore bench superglobal`` by the CLI, or directly):
     python -m locore.benchmarks.superglobal_latency --dims 2048 768 --queries 1 70
+    python -m locore.benchmarks.superglobal_latency --stage diffusion --m 100 400
 """
 
 from __future__ import annotations
@@ -23,7 +26,10 @@ import torch
 from locore.core.device import resolve_device
 from locore.indexing.shortlist import Shortlist
 from locore.rerank.base import Database, Queries
+from locore.rerank.diffusion import DiffusionReranker, diffusion_scores
 from locore.rerank.superglobal import SuperGlobalReranker, superglobal_scores
+
+STAGES = ("superglobal", "diffusion")
 
 
 @dataclasses.dataclass
@@ -34,6 +40,7 @@ class Timing:
     what a loaded machine gives.
     """
 
+    stage: str
     dim: int
     m: int
     queries: int
@@ -60,6 +67,7 @@ def _best_median_ms(
 def measure(
     dim: int,
     m: int = 400,
+    stage_name: str = "superglobal",
     queries: int = 1,
     database: int = 20_000,
     dtype: str = "float32",
@@ -67,35 +75,52 @@ def measure(
     repeats: int = 10,
     seed: int = 0,
 ) -> Timing:
-    """Time SuperGlobal for ``queries`` random queries with ``m``-long shortlists of ``dim``-D."""
+    """Time ``stage_name`` for ``queries`` random queries with ``m``-long shortlists of
+    ``dim``-D descriptors."""
     dev = resolve_device(device)
     rng = np.random.default_rng(seed)
     db = rng.standard_normal((database, dim), dtype=np.float32)
     db /= np.linalg.norm(db, axis=1, keepdims=True)
     q = db[rng.integers(0, database, queries)]
     ids = np.stack([rng.choice(database, m, replace=False) for _ in range(queries)])
-    shortlist = Shortlist(ids=ids.astype(np.int64), sims=np.zeros(ids.shape, np.float32))
-    stage = SuperGlobalReranker(m=m, device=str(dev), dtype=dtype, batch_size=max(queries, 1))
+    sims = np.sort(np.einsum("qd,qmd->qm", q, db[ids]), axis=1)[:, ::-1]  # a sorted ranking
+    shortlist = Shortlist(ids=ids.astype(np.int64), sims=np.ascontiguousarray(sims))
+    batch = max(queries, 1)
+    if stage_name == "diffusion":
+        stage = DiffusionReranker(m=m, device=str(dev), batch_size=batch)
+        dtype = "float64"
+    else:
+        stage = SuperGlobalReranker(m=m, device=str(dev), dtype=dtype, batch_size=batch)
     torch_dtype = torch.float64 if dtype == "float64" else torch.float32
     q_t = torch.as_tensor(q, device=dev, dtype=torch_dtype)
     x_t = torch.as_tensor(db[ids], device=dev, dtype=torch_dtype)
+    seeds = torch.zeros(queries, m, dtype=torch_dtype, device=dev)
+    seeds[:, :2] = 1.0
+    valid = torch.ones(queries, m, dtype=torch.bool, device=dev)
+    scores = {
+        "superglobal": lambda: superglobal_scores(q_t, x_t),
+        "diffusion": lambda: diffusion_scores(x_t, seeds, valid),
+    }[stage_name]
 
     def sync() -> None:
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
 
     with torch.inference_mode():
-        compute = _best_median_ms(lambda: superglobal_scores(q_t, x_t), repeats, sync, queries)
+        compute = _best_median_ms(scores, repeats, sync, queries)
     whole = _best_median_ms(
         lambda: stage.rerank(Queries(q), shortlist, Database(db)), repeats, sync, queries
     )
-    return Timing(dim, m, queries, dtype, str(dev), compute, whole)
+    return Timing(stage_name, dim, m, queries, dtype, str(dev), compute, whole)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``locore bench superglobal``."""
+    parser.add_argument("--stage", choices=STAGES, default="superglobal", help="which stage")
     parser.add_argument("--dims", type=int, nargs="+", default=[2048, 768])
-    parser.add_argument("--m", type=int, default=400, help="shortlist length re-ranked")
+    parser.add_argument(
+        "--m", type=int, nargs="+", default=[400], help="shortlist lengths re-ranked"
+    )
     parser.add_argument("--queries", type=int, nargs="+", default=[1, 70], help="batch sizes")
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     parser.add_argument("--device", default="auto")
@@ -105,22 +130,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Measure every (dim, queries) pair and print a markdown table."""
+    """Measure every (dim, m, queries) setting and print a markdown table."""
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     rows = [
-        measure(dim, args.m, n, dtype=args.dtype, device=args.device, repeats=args.repeats)
+        measure(dim, m, args.stage, n, dtype=args.dtype, device=args.device, repeats=args.repeats)
         for dim in args.dims
+        for m in args.m
         for n in args.queries
     ]
     print(
-        "| D | M | queries per batch | dtype | device | compute ms/query best (median) "
+        "| stage | D | M | queries per batch | dtype | device | compute ms/query best (median) "
         "| stage ms/query best (median) |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r.dim} | {r.m} | {r.queries} | {r.dtype} | {r.device} | "
+            f"| {r.stage} | {r.dim} | {r.m} | {r.queries} | {r.dtype} | {r.device} | "
             f"{r.compute_ms[0]:.2f} ({r.compute_ms[1]:.2f}) | "
             f"{r.stage_ms[0]:.2f} ({r.stage_ms[1]:.2f}) |"
         )

@@ -139,8 +139,8 @@ BENCH_TARGETS: dict[str, Command] = {
     ),
     "superglobal": Command(
         f"{BENCH}.superglobal_latency",
-        "SuperGlobal re-ranking latency per query",
-        ("locore bench superglobal --device cpu",),
+        "SuperGlobal (or diffusion) re-ranking latency per query",
+        ("locore bench superglobal --device cpu", "locore bench superglobal --stage diffusion"),
         config=None,
     ),
     "offline": Command(

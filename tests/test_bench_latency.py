@@ -1,4 +1,5 @@
-"""``locore bench latency`` with micro settings on CPU: every stage reported, JSON written."""
+"""``locore bench latency`` and ``locore bench superglobal`` with micro settings on CPU: every stage
+reported, JSON written."""
 
 import json
 
@@ -6,6 +7,7 @@ import numpy as np
 import torch
 
 from locore import cli
+from locore.benchmarks import superglobal_latency
 from locore.benchmarks.speed.latency import PeakMemory, StageTiming
 
 
@@ -58,3 +60,19 @@ def test_per_100_is_none_for_stages_without_images():
     """Worked example: 2 ms for 400 images is 0.5 ms per 100."""
     assert StageTiming("search", "", 2.0, 1.0, 0.0).per_100_ms is None
     assert StageTiming("x", "", 2.0, 1.0, 0.0, images=400).per_100_ms == 0.5
+
+
+def test_global_stage_latency_table_covers_both_stages(tmp_path, capsys):
+    """``locore bench superglobal`` times SuperGlobal and diffusion at every (D, M, batch)."""
+    rows = []
+    for stage in superglobal_latency.STAGES:
+        out = tmp_path / f"{stage}.json"
+        argv = ["--stage", stage, "--dims", "16", "--m", "20", "30", "--queries", "1", "3"]
+        assert superglobal_latency.main([*argv, "--repeats", "2", "--json", str(out)]) == 0
+        rows += json.loads(out.read_text())
+    assert [(r["stage"], r["m"], r["queries"]) for r in rows] == [
+        (s, m, q) for s in ("superglobal", "diffusion") for m in (20, 30) for q in (1, 3)
+    ]
+    assert all(r["dtype"] == "float64" for r in rows if r["stage"] == "diffusion")
+    assert all(0 < r["stage_ms"][0] <= r["stage_ms"][1] for r in rows)
+    assert capsys.readouterr().out.count("| diffusion | 16 |") == 4
