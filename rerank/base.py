@@ -68,6 +68,17 @@ class RerankResult:
     scores: np.ndarray
     before: np.ndarray
 
+    @classmethod
+    def head_reordered(cls, ids: np.ndarray, scores: np.ndarray, order: np.ndarray) -> RerankResult:
+        """The ranking ``ids`` ``[Q, M]`` with its leading ``H`` entries permuted by ``order``
+        ``[Q, H]`` (positions within the head); ``scores`` ``[Q, M]`` are aligned with ``ids``
+        and move with them; entries past ``H`` keep their place."""
+        head = order.shape[1]
+        new_ids, new_scores = ids.copy(), scores.copy()
+        new_ids[:, :head] = np.take_along_axis(ids[:, :head], order, 1)
+        new_scores[:, :head] = np.take_along_axis(scores[:, :head], order, 1)
+        return cls(ids=new_ids, scores=new_scores, before=ids)
+
 
 class Reranker(abc.ABC):
     """A re-ranking stage; ``name`` is its registry name.

@@ -166,10 +166,7 @@ class DiffusionReranker(Reranker):
             moved = valid[lo:hi] & (top > 0)
             order[lo:hi] = rank_desc(np.where(valid[lo:hi], f, -np.inf))  # junk, padding last
             scores[lo:hi, :num_m] = np.where(moved, f, sims[lo:hi, :num_m])
-        new_ids = ids.copy()
-        new_ids[:, :num_m] = np.take_along_axis(block, order, 1)
-        scores[:, :num_m] = np.take_along_axis(scores[:, :num_m], order, 1)
-        return RerankResult(ids=new_ids, scores=scores, before=before)
+        return RerankResult.head_reordered(ids, scores, order)
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
         return torch.as_tensor(np.asarray(array), device=self.device).to(torch.float64)

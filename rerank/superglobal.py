@@ -246,10 +246,7 @@ class SuperGlobalReranker(Reranker):
             final = out.final.double().cpu().numpy()
             order[lo:hi] = rank_desc(final)
             scores[lo:hi, :num_m] = np.where(valid[lo:hi], final, sims[lo:hi, :num_m])
-        new_ids = ids.copy()
-        new_ids[:, :num_m] = np.take_along_axis(block, order, 1)
-        scores[:, :num_m] = np.take_along_axis(scores[:, :num_m], order, 1)
-        return RerankResult(ids=new_ids, scores=scores, before=before)
+        return RerankResult.head_reordered(ids, scores, order)
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
         return torch.as_tensor(np.asarray(array), device=self.device).to(self.dtype)
