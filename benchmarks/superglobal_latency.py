@@ -86,21 +86,23 @@ def measure(
     sims = np.sort(np.einsum("qd,qmd->qm", q, db[ids]), axis=1)[:, ::-1]  # a sorted ranking
     shortlist = Shortlist(ids=ids.astype(np.int64), sims=np.ascontiguousarray(sims))
     batch = max(queries, 1)
-    if stage_name == "diffusion":
-        stage = DiffusionReranker(m=m, device=str(dev), batch_size=batch)
-        dtype = "float64"
-    else:
-        stage = SuperGlobalReranker(m=m, device=str(dev), dtype=dtype, batch_size=batch)
+    dtype = "float64" if stage_name == "diffusion" else dtype  # diffusion always solves in float64
     torch_dtype = torch.float64 if dtype == "float64" else torch.float32
     q_t = torch.as_tensor(q, device=dev, dtype=torch_dtype)
     x_t = torch.as_tensor(db[ids], device=dev, dtype=torch_dtype)
-    seeds = torch.zeros(queries, m, dtype=torch_dtype, device=dev)
-    seeds[:, :2] = 1.0
-    valid = torch.ones(queries, m, dtype=torch.bool, device=dev)
-    scores = {
-        "superglobal": lambda: superglobal_scores(q_t, x_t),
-        "diffusion": lambda: diffusion_scores(x_t, seeds, valid),
-    }[stage_name]
+    if stage_name == "diffusion":
+        stage = DiffusionReranker(m=m, device=str(dev), batch_size=batch)
+        seeds = torch.zeros(queries, m, dtype=torch_dtype, device=dev)
+        seeds[:, : stage.seeds] = 1.0
+        valid = torch.ones(queries, m, dtype=torch.bool, device=dev)
+
+        def scores() -> object:
+            return diffusion_scores(x_t, seeds, valid, stage.k, stage.gamma, stage.alpha)
+    else:
+        stage = SuperGlobalReranker(m=m, device=str(dev), dtype=dtype, batch_size=batch)
+
+        def scores() -> object:
+            return superglobal_scores(q_t, x_t)
 
     def sync() -> None:
         if dev.type == "cuda":

@@ -3,6 +3,8 @@ pasted rows, the draws are reproducible, and `locore train` reads them from an e
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -73,6 +75,10 @@ def test_draws_are_reproducible_and_batches_are_model_inputs(features):
     assert not torch.equal(x.gallery_local, z.gallery_local)
     assert tuple(x.gallery_local.shape) == (2, 12, 8, D) and tuple(x.query_global.shape) == (2, DG)
     assert x.positive_mask.dtype == torch.int64 and x.query_scales.dtype == torch.int64
+    no_global = make_dataset(dataclasses.replace(config, use_global=False), seed=1)
+    w = no_global.batch(np.array([0, 1]), np.array([5, 6]))
+    assert w.query_global is None and w.gallery_global is None
+    assert torch.equal(w.gallery_local, x.gallery_local)
 
 
 def test_locore_train_runs_on_pasted_lists_with_an_identity_start(features, tmp_path):

@@ -269,6 +269,12 @@ def make_dataset(config: DataConfig, seed: int):
     if config.source == "pasted":
         store, globals_ = open_features(config)
         return PastedLists(
-            store, globals_, config.synthetic_lists, config.list_length, config.num_local, seed
+            store,
+            globals_,
+            config.synthetic_lists,
+            config.list_length,
+            config.num_local,
+            seed,
+            use_global=config.use_global,
         )
     return ListDataset(config, seed)

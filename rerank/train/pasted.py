@@ -49,7 +49,8 @@ def _unit(x: np.ndarray) -> np.ndarray:
 
 class PastedLists:
     """``count`` lists of ``list_length`` images over one extraction (the :class:`Lists`
-    protocol of :mod:`rerank.train.data`)."""
+    protocol of :mod:`rerank.train.data`); ``use_global`` False leaves the globals out of the
+    batches, as ``data.use_global`` does for the other sources."""
 
     def __init__(
         self,
@@ -60,10 +61,11 @@ class PastedLists:
         num_local: int,
         seed: int = 0,
         spec: PastedSpec = PastedSpec(),
+        use_global: bool = True,
     ):
         self.store, self.globals = store, globals_
         self.count, self.length, self.num_local = count, list_length, num_local
-        self.seed, self.spec = seed, spec
+        self.seed, self.spec, self.use_global = seed, spec, use_global
 
     def __len__(self) -> int:
         return self.count
@@ -141,7 +143,7 @@ class PastedLists:
             gallery_local=stack("gallery_local").float(),
             gallery_scales=stack("gallery_scales").long(),
             gallery_mask=stack("gallery_mask"),
-            query_global=stack("query_global"),
-            gallery_global=stack("gallery_global"),
+            query_global=stack("query_global") if self.use_global else None,
+            gallery_global=stack("gallery_global") if self.use_global else None,
             positive_mask=stack("labels"),
         )
