@@ -128,8 +128,9 @@ def create_app(service: SearchService) -> FastAPIOffline:
             str | None, Form(description="re-ranking chain: 'default' (configured) or 'none'")
         ] = None,
     ) -> dict:
-        """Ranked ids and names with final score, global score and rank before re-ranking, the
-        first-stage ranking (``before``) and per-stage times in milliseconds."""
+        """Ranked ids and names with final score, global score and rank before re-ranking (the
+        records of ``locore search --out``, ranks from 1), the first-stage ranking (``before``)
+        and per-stage times in milliseconds."""
         start = time.perf_counter()
         chain = chain or service.default_chain
         service.check_chain(chain)  # cheap checks before the costly decode

@@ -56,6 +56,7 @@ from locore.engine.pipeline import (
     open_index,
     to_results,
 )
+from locore.engine.results import result_records
 from locore.feature_extractors import Extractor
 from locore.indexing.shortlist import Shortlist
 from locore.rerank.base import Queries
@@ -414,20 +415,10 @@ class SearchService:
                         "chain": name,
                         "generation": generation.number,
                         "index_size": len(names),
-                        "results": [
-                            {
-                                "rank": r,
-                                "id": int(j),
-                                "name": names[int(j)],
-                                "score": float(result.scores[r]),
-                                "global_score": float(result.global_sims[r]),
-                                "rank_before": int(result.rank_before[r]),
-                            }
-                            for r, j in enumerate(result.ids[:k])
-                        ],
+                        "results": result_records([result], names, k)[0]["results"],
                         "before": [
                             {
-                                "rank": r,
+                                "rank": r + 1,
                                 "id": int(j),
                                 "name": names[int(j)],
                                 "global_score": float(s),

@@ -107,7 +107,9 @@ def test_search_matches_the_pipeline(demo, client):
     np.testing.assert_allclose(
         [r["global_score"] for r in got], want.global_sims, rtol=1e-5, atol=1e-6
     )
-    assert [r["rank_before"] for r in got] == [int(r) for r in want.rank_before]
+    # ranks count from 1, as in `locore search --out` (engine/results.py)
+    assert [r["rank"] for r in got] == list(range(1, len(got) + 1))
+    assert [r["rank_before"] for r in got] == [int(r) + 1 for r in want.rank_before]
     # re-ranking moved something, and "before" is the first stage's order
     assert any(r["rank_before"] != r["rank"] for r in got)
     before = {r["rank"]: r["id"] for r in reply["before"]}
@@ -120,7 +122,7 @@ def test_chain_none_keeps_the_global_order_and_top_k(demo, client):
     path, box = queries(collection)[1]
     reply = post(client, path.read_bytes(), box=box_text(box), top_k="3", chain="none").json()
     assert reply["chain"] == "none" and len(reply["results"]) == 3
-    assert [r["rank_before"] for r in reply["results"]] == [0, 1, 2]
+    assert [r["rank_before"] for r in reply["results"]] == [1, 2, 3]
     assert [r["id"] for r in reply["results"]] == [r["id"] for r in reply["before"]]
 
 

@@ -91,7 +91,7 @@ function card(item, extra) {
     `<a href="/image/${item.id}" target="_blank" rel="noopener">` +
     `<img loading="lazy" alt="" src="/image/${item.id}/thumb">` +
     `<div class="name"></div><div>${extra}</div></a>`;
-  li.querySelector(".name").textContent = `${item.rank + 1}. ${item.name}`;
+  li.querySelector(".name").textContent = `${item.rank}. ${item.name}`;
   li.title = item.name;
   return li;
 }
