@@ -66,12 +66,16 @@ def _best_median_ms(
 
 @dataclasses.dataclass(frozen=True)
 class Calls:
-    """The two timed calls of one setting, on random data already in place."""
+    """One setting and its two timed calls, on random data already in place."""
 
-    compute: Callable[[], object]  # the batched matrix work, descriptors on the device
-    stage: Callable[[], object]  # the stage's ``rerank`` end to end
+    stage_name: str
+    dim: int
+    m: int
+    queries: int
     dtype: str  # the dtype the compute runs in
     device: torch.device
+    compute: Callable[[], object]  # the batched matrix work, descriptors on the device
+    stage: Callable[[], object]  # the stage's ``rerank`` end to end
 
 
 def calls(
@@ -105,46 +109,39 @@ def calls(
         seeds[:, : stage.seeds] = 1.0
         valid = torch.ones(queries, m, dtype=torch.bool, device=dev)
 
-        def scores() -> object:
+        @torch.inference_mode()
+        def compute() -> object:
             return diffusion_scores(x_t, seeds, valid, stage.k, stage.gamma, stage.alpha)
     else:
         stage = SuperGlobalReranker(m=m, device=str(dev), dtype=dtype, batch_size=batch)
 
-        def scores() -> object:
+        @torch.inference_mode()
+        def compute() -> object:
             return superglobal_scores(q_t, x_t)
-
-    @torch.inference_mode()
-    def compute() -> object:
-        return scores()
 
     def whole() -> object:
         return stage.rerank(Queries(q), shortlist, Database(db))
 
-    return Calls(compute, whole, dtype, dev)
+    return Calls(stage_name, dim, m, queries, dtype, dev, compute, whole)
 
 
-def measure(
-    dim: int,
-    m: int = 400,
-    stage_name: str = "superglobal",
-    queries: int = 1,
-    database: int = 20_000,
-    dtype: str = "float32",
-    device: str = "auto",
-    repeats: int = 10,
-    seed: int = 0,
-) -> Timing:
-    """Time :func:`calls`' two calls (arguments as there)."""
-    setting = calls(dim, m, stage_name, queries, database, dtype, device, seed)
-    dev = setting.device
+def measure(setting: Calls, repeats: int = 10) -> Timing:
+    """Best and median of ``repeats`` runs of both calls of ``setting`` (after a warm-up)."""
 
     def sync() -> None:
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
+        if setting.device.type == "cuda":
+            torch.cuda.synchronize(setting.device)
 
-    compute = _best_median_ms(setting.compute, repeats, sync, queries)
-    whole = _best_median_ms(setting.stage, repeats, sync, queries)
-    return Timing(stage_name, dim, m, queries, setting.dtype, str(dev), compute, whole)
+    return Timing(
+        setting.stage_name,
+        setting.dim,
+        setting.m,
+        setting.queries,
+        setting.dtype,
+        str(setting.device),
+        _best_median_ms(setting.compute, repeats, sync, setting.queries),
+        _best_median_ms(setting.stage, repeats, sync, setting.queries),
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -167,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     rows = [
-        measure(dim, m, args.stage, n, dtype=args.dtype, device=args.device, repeats=args.repeats)
+        measure(calls(dim, m, args.stage, n, dtype=args.dtype, device=args.device), args.repeats)
         for dim in args.dims
         for m in args.m
         for n in args.queries
