@@ -303,8 +303,9 @@ def _update_global_index(
     A saved index of the configured kind and options is kept: when the store only grew (every
     indexed name still first, in order), just the new rows are added, so adding 10,000 images
     to a 1M-image index encodes 10,000 vectors (ivfpq keeps its trained codebooks; a fresh build
-    would train them on the new collection); after removals it is emptied and refilled, since
-    ids shift down; it is left alone when no descriptor changed. Any other index is rebuilt.
+    would train them on the new collection) and an exact index writes only those rows to disk;
+    after removals it is emptied and refilled, since ids shift down; it is left alone when no
+    descriptor changed. Any other index is rebuilt.
     """
     directory = out / INDEX_SUBDIR
     options = {k: v for k, v in config.index.options.items() if k != "device"}
@@ -375,7 +376,7 @@ def open_index(directory: Path, overrides: Sequence[str] = ()) -> IndexHandle:
                 f"queries must be described like the index: {mismatch}; "
                 "drop that --set (or build another index with it)"
             )
-    index = GlobalIndex.load(directory / INDEX_SUBDIR, mmap=True)
+    index = GlobalIndex.load(directory / INDEX_SUBDIR)
     store = LocalStore(directory / LOCAL_FILE)
     globals_ = read_raw_globals(directory / GLOBAL_FILE, index.dim, len(index), prefix=True)
     return IndexHandle(directory, config, index, Database(globals_, store), list(index.names))

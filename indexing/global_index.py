@@ -5,22 +5,25 @@ Kinds:
 * ``flat`` (default): FAISS ``IndexFlatIP``, exact. On ``device="cuda"`` it searches with
   faiss-gpu when that imports, else with the torch path below, so a GPU is used either way.
 * ``torch``: exact, searched by torch: matmul + top-k over database chunks, merged (float16 on
-  CUDA, float32 on CPU, where it equals brute force). Its vectors are a plain ``vectors.npy``,
-  memory-mapped on load, so this kind needs no faiss at all (GPU images may not ship it).
+  CUDA, float32 on CPU, where it equals brute force). Its vectors are plain ``.npy`` files,
+  so this kind needs no faiss at all (GPU images may not ship it).
 * ``ivfpq``: IVF-PQ trained on a sample, for collections whose float vectors should not be
   scanned; candidates are re-scored from a float16 copy (``refine``) to keep recall@100 >= 0.95.
 * ``hnsw``: FAISS HNSW graph over the float vectors (approximate, no training).
 
 Descriptors must be L2-normalised (checked), so inner product is cosine similarity. A saved index
-is a folder: ``index.faiss`` (``vectors.npy`` for torch), ``names.json`` (id -> image name) and
-``index.json`` (kind, dim, metric, count, options), written to a temporary folder and renamed
-into place. A save killed between its two renames leaves the previous index as
-``.<name>.old``: :meth:`GlobalIndex.load` reads it, and :func:`recover` (called by writers)
-renames it back and deletes the temporary folders of killed saves.
+is a folder: ``names.json`` (id -> image name), ``index.json`` (format, kind, dim, metric, count,
+options, segments) and the vectors: ``index.faiss`` for ivfpq and hnsw; for the exact kinds one
+file per segment (:class:`_Segments`), memory-mapped on load, so opening a 1M-image index reads
+nothing and growing it writes only the new rows. A save writes a temporary folder and renames it
+into place. A save killed between its two renames leaves the previous index as ``.<name>.old``:
+:meth:`GlobalIndex.load` reads it, and :func:`recover` (called by writers) renames it back and
+deletes the temporary folders of killed saves.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -46,9 +49,10 @@ OPTIONS = {  # besides "device", which every kind takes
 }
 REFINE = ("fp16", "flat", "none")
 META_FILE, NAMES_FILE, INDEX_FILE = "index.json", "names.json", "index.faiss"
-VECTORS_FILE = "vectors.npy"  # the torch kind's vectors (no faiss needed to read or search)
+EXACT = ("flat", "torch")  # kinds that keep the float vectors, in segments
+FORMAT_1_FILE = {"flat": INDEX_FILE, "torch": "vectors.npy"}  # before segments: one file
 METRIC = "inner_product"
-FORMAT = 1
+FORMAT = 2  # 2: exact kinds list their segment files in index.json ("segments")
 
 
 def check_vectors(x: np.ndarray, dim: int, what: str) -> np.ndarray:
@@ -128,13 +132,11 @@ class GlobalIndex:
         return cls(dim, kind, **options)
 
     def _make(self):
-        if self.kind == "torch":
-            return _ExactVectors(self.dim)
+        if self.kind in EXACT:
+            return _Segments(self.dim)
         import faiss
 
         o = self.options
-        if self.kind == "flat":
-            return faiss.IndexFlatIP(self.dim)
         if self.kind == "hnsw":
             index = faiss.IndexHNSWFlat(self.dim, o.get("hnsw_m", 32), faiss.METRIC_INNER_PRODUCT)
             index.hnsw.efConstruction = o.get("ef_construction", 80)
@@ -252,20 +254,12 @@ class GlobalIndex:
 
                 self._resources = faiss.StandardGpuResources()
                 gpu = int(self.device.partition(":")[2] or 0)
-                self._gpu_index = faiss.index_cpu_to_gpu(self._resources, gpu, self._backend)
+                index = faiss.index_cpu_to_gpu(self._resources, gpu, faiss.IndexFlatIP(self.dim))
+                for rows in self._backend.rows():
+                    index.add(rows)
+                self._gpu_index = index
             return self._gpu_index.search(q, k)
         return self._backend.search(q, k)
-
-    def vectors(self) -> np.ndarray:
-        """The stored vectors ``[N, D]`` float32 (exact kinds; a view, no copy)."""
-        if self.kind == "torch":
-            return self._backend.array()
-        if self.kind != "flat":
-            raise UserError(f"an {self.kind} index keeps no exact vectors")
-        import faiss
-
-        flat = faiss.rev_swig_ptr(self._backend.get_xb(), len(self) * self.dim)
-        return flat.reshape(len(self), self.dim)
 
     def _torch_search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Exact search as chunked matmul + top-k, merged; float16 on CUDA unless asked."""
@@ -274,14 +268,18 @@ class GlobalIndex:
         cuda = self.device != "cpu"
         dtype = getattr(torch, self.options.get("dtype") or ("float16" if cuda else "float32"))
         if self._device_db is None:  # copied to the device once, reused by every search
-            self._device_db = torch.from_numpy(self.vectors()).to(self.device, dtype)
-        db = self._device_db
+            self._device_db = [
+                torch.from_numpy(rows).to(self.device, dtype) for rows in self._backend.rows()
+            ]
         chunk = int(self.options.get("chunk") or 262_144)
+        parts, offset = [], 0  # (first id, rows) over every segment
+        for db in self._device_db:
+            parts += [(offset + at, db[at : at + chunk]) for at in range(0, len(db), chunk)]
+            offset += len(db)
         with torch.inference_mode():
             qt = torch.from_numpy(q).to(self.device, dtype)
             best_s, best_i = None, None
-            for start in range(0, len(db), chunk):
-                part = db[start : start + chunk]
+            for start, part in parts:
                 s, i = (qt @ part.T).float().topk(min(k, len(part)), dim=1)
                 i = i + start
                 if best_s is not None:
@@ -292,7 +290,8 @@ class GlobalIndex:
         return best_s.cpu().numpy(), best_i.cpu().numpy()
 
     def save(self, directory: Path) -> None:
-        """Write the index, names and metadata atomically (temporary folder + rename)."""
+        """Write the index, names and metadata atomically (temporary folder + rename). An exact
+        index writes only the segments it does not have on disk yet (:class:`_Segments`)."""
         if self._backend is None:
             raise UserError("the ivfpq index is not trained; train and add before saving")
         directory = Path(directory)
@@ -309,16 +308,15 @@ class GlobalIndex:
                 "count": len(self),
                 "options": self.options,
             }
-            _write_durably(tmp / META_FILE, json.dumps(meta, indent=1).encode())
-            _write_durably(tmp / NAMES_FILE, json.dumps(self.names).encode())
-            if self.kind == "torch":
-                self._backend.save(tmp / VECTORS_FILE)
-                _fsync_path(tmp / VECTORS_FILE)
+            if self.kind in EXACT:
+                meta["segments"] = files = self._backend.save(tmp)
             else:
                 import faiss
 
                 faiss.write_index(self._backend, str(tmp / INDEX_FILE))
                 _fsync_path(tmp / INDEX_FILE)
+            _write_durably(tmp / META_FILE, json.dumps(meta, indent=1).encode())
+            _write_durably(tmp / NAMES_FILE, json.dumps(self.names).encode())
             _fsync_path(tmp)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -329,17 +327,15 @@ class GlobalIndex:
         os.replace(tmp, directory)
         _fsync_path(directory.parent)
         shutil.rmtree(old, ignore_errors=True)
+        if self.kind in EXACT:
+            self._backend.saved_in(directory, files)
 
     @classmethod
-    def load(
-        cls, directory: Path, device: str = "cpu", dim: int | None = None, *, mmap: bool = False
-    ) -> GlobalIndex:
+    def load(cls, directory: Path, device: str = "cpu", dim: int | None = None) -> GlobalIndex:
         """Open a saved index; checks its files, dimension (against ``dim`` when given), metric
-        and names. ``device`` picks where exact kinds search (see the module doc). The torch
-        kind's vectors are memory-mapped, not read: opening a 1M-image index costs nothing.
-        ``mmap=True`` maps a flat index's vectors too (a search-only index: faiss cannot add to
-        a mapped one), so ``locore search`` opens a 5 GB index at once; ivfpq and hnsw are
-        read whole."""
+        and names. ``device`` picks where exact kinds search (see the module doc). Exact kinds
+        are memory-mapped, not read: ``locore search`` opens a 1M-image index at once, and a
+        grown index adds its rows beside the mapped ones. ivfpq and hnsw are read whole."""
         directory = Path(directory)
         if not (directory / META_FILE).is_file() and (_old_path(directory) / META_FILE).is_file():
             # a save was interrupted between its two renames: the previous index is complete
@@ -350,9 +346,16 @@ class GlobalIndex:
             raise UserError(f"{directory} holds no saved index; build one with `locore index`")
         try:
             meta = json.loads(meta_path.read_text())
-            kind, stored_dim = meta["kind"], int(meta["dim"])
+            kind, stored_dim, version = meta["kind"], int(meta["dim"]), int(meta.get("format", 1))
+            files = meta["segments"] if "segments" in meta else [FORMAT_1_FILE.get(kind)]
+            segments = [str(f) for f in files]
         except (ValueError, KeyError, TypeError):
             raise UserError(f"{meta_path} is damaged; rebuild the index") from None
+        if version > FORMAT:
+            raise UserError(
+                f"index {directory} has format {version}, newer than this locore's "
+                f"{FORMAT}; upgrade locore or rebuild the index"
+            )
         if meta.get("metric") != METRIC:
             raise UserError(
                 f"index {directory} uses metric {meta.get('metric')!r}, not {METRIC}; rebuild it"
@@ -363,21 +366,13 @@ class GlobalIndex:
                 "with the current extractor"
             )
         index = cls(stored_dim, kind, device=device, **meta.get("options", {}))
-        if kind == "torch":
-            index._backend = _ExactVectors.load(directory / VECTORS_FILE, stored_dim)
+        if kind in EXACT:
+            index._backend = _Segments.load(directory, segments, stored_dim)
         else:
-            import faiss
-
-            flags = faiss.IO_FLAG_MMAP_IFC if mmap and kind == "flat" else 0
-            try:
-                index._backend = faiss.read_index(str(directory / INDEX_FILE), flags)
-            except RuntimeError:
-                raise UserError(
-                    f"{directory / INDEX_FILE} is missing or damaged; rebuild"
-                ) from None
-            if index._backend.metric_type != faiss.METRIC_INNER_PRODUCT:
-                raise UserError(f"index {directory} does not use inner product; rebuild it")
+            index._backend = _read_faiss(directory / INDEX_FILE)
             if kind == "ivfpq":
+                import faiss
+
                 faiss.extract_index_ivf(index._backend).nprobe = _nprobe(index.options)
         if index._backend.d != stored_dim:
             raise UserError(f"index {directory}: stored dim {index._backend.d} != {stored_dim}")
@@ -392,56 +387,160 @@ class GlobalIndex:
         return index
 
 
-class _ExactVectors:
-    """The torch kind's storage: a plain float32 matrix, saved as ``.npy`` and memory-mapped on
-    load, so that kind needs no faiss (a GPU image may lack it) and opens at once at any size.
-    It answers the few faiss index calls the class makes (``ntotal``, ``d``, ``add``, ...)."""
+def _read_faiss(path: Path, mmap: bool = False):
+    """A saved FAISS index (``mmap``: its flat vectors mapped, not read), checked for metric."""
+    import faiss
+
+    try:
+        index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC if mmap else 0)
+    except RuntimeError:
+        raise UserError(f"{path} is missing or damaged; rebuild the index") from None
+    if index.metric_type != faiss.METRIC_INNER_PRODUCT:
+        raise UserError(f"index {path.parent} does not use inner product; rebuild it")
+    return index
+
+
+@dataclasses.dataclass
+class _Segment:
+    """Rows ``[n, D]`` float32 of an exact index. ``file``: its file once saved, never written
+    again, and that file's ``(device, inode)`` (another index saved over the folder may hold a
+    file of the same name). ``owner``: the FAISS index whose memory ``rows`` views (format 1)."""
+
+    rows: np.ndarray
+    file: str | None = None
+    inode: tuple[int, int] | None = None
+    owner: Any = None
+
+    def on_disk(self, folder: Path | None) -> bool:
+        """True when ``folder`` still holds this segment's own file."""
+        if self.file is None or folder is None:
+            return False
+        try:
+            st = os.stat(folder / self.file)
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino) == self.inode
+
+
+class _Segments:
+    """The exact kinds' vectors: immutable ``.npy`` segments, memory-mapped on load.
+
+    Rows added to a loaded index form a new segment, and a save hard-links the files it already
+    has into the new folder, so adding 10,000 images to a 1M-image index reads none of the 1M
+    rows and writes only the 10,000 (one FAISS flat file was read, reallocated and rewritten
+    whole: 5 GB written, 12 GB of peak memory). Like a binary counter, the newest two files
+    merge whenever the older is not larger: adds of n rows leave at most log2(N / n) + 1 files
+    and rewrite each row O(log(N / n)) times. Files are written block by block from their
+    parts, never joined in memory. ``flat`` searches the segments with ``faiss.knn`` and merges
+    them with ``faiss.ResultHeap``; ``torch`` with torch (no faiss needed). Answers the faiss
+    index calls :class:`GlobalIndex` makes (``ntotal``, ``d``, ``add``, ``reset``)."""
 
     is_trained = True
 
-    def __init__(self, dim: int, data: np.ndarray | None = None):
+    def __init__(self, dim: int):
         self.d = dim
-        self._blocks = [np.empty((0, dim), np.float32) if data is None else data]
+        self.segments: list[_Segment] = []
+        self.source: Path | None = None  # the folder holding the saved segments' files
 
     @classmethod
-    def load(cls, path: Path, dim: int) -> _ExactVectors:
-        try:
-            # copy-on-write: a writable view for torch.from_numpy; the file is never written
-            data = np.load(path, mmap_mode="c", allow_pickle=False)
-        except (OSError, ValueError):
-            raise UserError(f"{path} is missing or damaged; rebuild the index") from None
-        if data.ndim != 2 or data.dtype != np.float32:
-            raise UserError(f"{path} holds {data.dtype} {data.shape}, not [N, {dim}] float32")
-        return cls(data.shape[1], data)
+    def load(cls, directory: Path, files: Sequence[str], dim: int) -> _Segments:
+        store = cls(dim)
+        for file in files:
+            path = Path(directory) / file
+            if file.endswith(".faiss"):  # format 1's flat index: its vectors, mapped
+                import faiss
+
+                flat = _read_faiss(path, mmap=True)
+                n, d = int(flat.ntotal), int(flat.d)
+                rows = faiss.rev_swig_ptr(flat.get_xb(), n * d).reshape(n, d)
+                store.segments.append(_Segment(rows, file, _inode(path), flat))
+                continue
+            try:
+                # copy-on-write: a writable view for torch.from_numpy; the file is never written
+                rows = np.load(path, mmap_mode="c", allow_pickle=False)
+            except (OSError, ValueError):
+                raise UserError(f"{path} is missing or damaged; rebuild the index") from None
+            if rows.ndim != 2 or rows.dtype != np.float32 or rows.shape[1] != dim:
+                raise UserError(f"{path} holds {rows.dtype} {rows.shape}, not [N, {dim}] float32")
+            store.segments.append(_Segment(rows, file, _inode(path)))
+        store.source = Path(directory)
+        return store
 
     @property
     def ntotal(self) -> int:
-        return sum(len(b) for b in self._blocks)
+        return sum(len(s.rows) for s in self.segments)
 
     def reset(self) -> None:
-        self._blocks = [np.empty((0, self.d), np.float32)]
+        self.segments = []
 
     def add(self, x: np.ndarray) -> None:
-        self._blocks.append(np.array(x, np.float32))
+        if len(x):
+            self.segments.append(_Segment(np.array(x, np.float32)))
 
-    def save(self, path: Path) -> None:
-        """Write every block into one ``.npy``, block by block (a mapped 1M-row matrix plus
-        10,000 new rows is never joined in memory)."""
-        out = np.lib.format.open_memmap(
-            path, mode="w+", dtype=np.float32, shape=(self.ntotal, self.d)
-        )
+    def rows(self) -> list[np.ndarray]:
+        """Each segment's ``[n, D]`` rows in id order (views, no copy)."""
+        return [s.rows for s in self.segments]
+
+    def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-``k`` with FAISS: each segment scanned, the lists merged."""
+        import faiss
+
+        heap = faiss.ResultHeap(len(q), k, keep_max=True)
         start = 0
-        for block in self._blocks:
-            out[start : start + len(block)] = block
-            start += len(block)
-        out.flush()
-        del out
+        for rows in self.rows():
+            sims, ids = faiss.knn(q, rows, min(k, len(rows)), metric=faiss.METRIC_INNER_PRODUCT)
+            heap.add_result(sims, ids + start)
+            start += len(rows)
+        heap.finalize()
+        return heap.D, heap.I
 
-    def array(self) -> np.ndarray:
-        """``[N, D]`` float32; blocks added since the last call are joined once."""
-        if len(self._blocks) > 1:
-            self._blocks = [np.concatenate(self._blocks)]
-        return self._blocks[0]
+    def save(self, folder: Path) -> list[str]:
+        """Put every segment's file into ``folder`` (a new index folder) and return their names
+        in id order: files already saved are hard-linked (copied where the file system cannot
+        link); the rows added since, and merged files, are written under their id range."""
+        groups: list[list[_Segment]] = []  # the segments each file will hold
+        for segment in self.segments:
+            if segment.file is None and groups and groups[-1][-1].file is None:
+                groups[-1].append(segment)  # rows added since the last save: one file
+            else:
+                groups.append([segment])
+        size = lambda group: sum(len(s.rows) for s in group)  # noqa: E731
+        while len(groups) > 1 and size(groups[-2]) <= size(groups[-1]):
+            groups[-2:] = [groups[-2] + groups[-1]]
+        files, start = [], 0
+        for group in groups:
+            n = size(group)
+            if len(group) == 1 and group[0].on_disk(self.source):
+                file = group[0].file
+                try:
+                    os.link(self.source / file, folder / file)
+                except OSError:
+                    shutil.copyfile(self.source / file, folder / file)
+            else:
+                file = f"segment-{start:012d}-{start + n:012d}.npy"
+                out = np.lib.format.open_memmap(
+                    folder / file, mode="w+", dtype=np.float32, shape=(n, self.d)
+                )
+                at = 0
+                for segment in group:
+                    out[at : at + len(segment.rows)] = segment.rows
+                    at += len(segment.rows)
+                out.flush()
+                del out
+            _fsync_path(folder / file)
+            files.append(file)
+            start += n
+        return files
+
+    def saved_in(self, directory: Path, files: Sequence[str]) -> None:
+        """After a save moved into ``directory``: map its files, so memory holds no rows."""
+        self.segments = _Segments.load(directory, files, self.d).segments
+        self.source = Path(directory)
+
+
+def _inode(path: Path) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
 
 
 def _old_path(directory: Path) -> Path:

@@ -167,12 +167,16 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     second.save(tmp_path / "ix")  # replaces the whole folder
     assert GlobalIndex.load(tmp_path / "ix").names == list("xyz")
 
-    def broken(index, path):
+    real_open_memmap = np.lib.format.open_memmap
+
+    def broken(path, mode="r+", **kwargs):  # a disk that fills up while a segment is written
+        if mode != "w+":
+            return real_open_memmap(path, mode=mode, **kwargs)
         with open(path, "wb") as f:
-            f.write(b"half an ind")
+            f.write(b"half a segm")
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(faiss, "write_index", broken)
+    monkeypatch.setattr(np.lib.format, "open_memmap", broken)
     with pytest.raises(RuntimeError, match="disk full"):
         first.save(tmp_path / "ix")
     assert GlobalIndex.load(tmp_path / "ix").names == list("xyz")  # old index untouched
@@ -236,7 +240,10 @@ def test_load_checks_the_saved_index(tmp_path):
         GlobalIndex.load(tmp_path / "ix", dim=16)
     meta_path = tmp_path / "ix" / "index.json"
     meta = json.loads(meta_path.read_text())
-    for change, message in (({"metric": "l2"}, "metric 'l2'"), ({"dim": 9}, "stored dim 8")):
+    for change, message in (
+        ({"metric": "l2"}, "metric 'l2'"),
+        ({"dim": 9}, r"\(6, 8\), not \[N, 9\]"),
+    ):
         meta_path.write_text(json.dumps({**meta, **change}))
         with pytest.raises(UserError, match=message):
             GlobalIndex.load(tmp_path / "ix")
@@ -247,8 +254,16 @@ def test_load_checks_the_saved_index(tmp_path):
     (tmp_path / "ix" / "names.json").write_text('["a"]')
     with pytest.raises(UserError, match="6 vectors but 1 names"):
         GlobalIndex.load(tmp_path / "ix")
-    (tmp_path / "ix" / "index.faiss").write_bytes(b"garbage")
+    meta_path.write_text(json.dumps({**meta, "format": 3}))
+    with pytest.raises(UserError, match="format 3, newer than this locore's 2; upgrade"):
+        GlobalIndex.load(tmp_path / "ix")
+    meta_path.write_text(json.dumps(meta))
+    (tmp_path / "ix" / "names.json").write_text(json.dumps(list("abcdef")))
+    (tmp_path / "ix" / meta["segments"][0]).write_bytes(b"garbage")
     with pytest.raises(UserError, match="damaged"):
+        GlobalIndex.load(tmp_path / "ix")
+    (tmp_path / "ix" / meta["segments"][0]).unlink()
+    with pytest.raises(UserError, match="missing or damaged"):
         GlobalIndex.load(tmp_path / "ix")
     with pytest.raises(UserError, match="no saved index"):
         GlobalIndex.load(tmp_path / "nothing")
@@ -323,7 +338,7 @@ index.add(x[:200])
 index.add(x[200:])
 index.save(__import__("pathlib").Path({str(tmp_path / "idx")!r}))
 loaded = GlobalIndex.load(__import__("pathlib").Path({str(tmp_path / "idx")!r}))
-assert isinstance(loaded.vectors(), np.memmap)
+assert all(isinstance(r, np.memmap) for r in loaded._backend.rows())
 sims, ids = loaded.search(x[:5], 10)
 want = np.argsort(-(x[:5] @ x.T), axis=1, kind="stable")[:, :10]
 assert (ids == want).all(), (ids, want)
@@ -331,3 +346,115 @@ print("ok")
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+def segment_files(directory) -> list[str]:
+    return json.loads((directory / "index.json").read_text())["segments"]
+
+
+@pytest.mark.parametrize("kind", ["flat", "torch"])
+def test_a_grown_exact_index_keeps_its_files_and_writes_only_new_rows(tmp_path, kind):
+    """Growth (issue #16): the saved segments are hard-linked, never rewritten, the added rows
+    are a new file, and segments merge like a binary counter; every state equals brute force."""
+    rng = np.random.default_rng(13)
+    db = unit(rng.normal(size=(180, 16)))
+    q = unit(rng.normal(size=(4, 16)))
+    index = GlobalIndex.build(16, kind)
+    index.add(db[:100], [f"i{i}" for i in range(100)])
+    index.save(tmp_path / "ix")
+    (base,) = segment_files(tmp_path / "ix")
+    base_inode = os.stat(tmp_path / "ix" / base).st_ino
+    sizes, n = [], 100
+    for _ in range(8):
+        loaded = GlobalIndex.load(tmp_path / "ix")
+        loaded.add(db[n : n + 10], [f"i{i}" for i in range(n, n + 10)])
+        loaded.save(tmp_path / "ix")
+        n += 10
+        files = segment_files(tmp_path / "ix")
+        assert files[0] == base and os.stat(tmp_path / "ix" / base).st_ino == base_inode
+        reloaded = GlobalIndex.load(tmp_path / "ix")
+        sizes.append([len(rows) for rows in reloaded._backend.rows()])
+        assert reloaded.names == [f"i{i}" for i in range(n)]
+        for got in (loaded.search(q, 30), reloaded.search(q, 30)):
+            want_sims, want_ids = brute_force(q, db[:n], 30)
+            np.testing.assert_array_equal(got[1], want_ids)
+            np.testing.assert_allclose(got[0], want_sims, rtol=0, atol=1e-6)
+    assert sizes == [
+        [100, 10],
+        [100, 20],
+        [100, 20, 10],
+        [100, 40],
+        [100, 40, 10],
+        [100, 40, 20],
+        [100, 40, 20, 10],
+        [100, 80],
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ix"]
+
+
+@pytest.mark.parametrize("kind", ["flat", "torch"])
+def test_a_segment_is_linked_only_from_its_own_file(tmp_path, monkeypatch, kind):
+    """Another index saved over the folder has files of the same names: they are not taken
+    for this index's; and where the file system cannot hard-link, the files are copied."""
+    rng = np.random.default_rng(14)
+    mine, other, more = (unit(rng.normal(size=(n, 8))) for n in (6, 6, 2))
+    first, second = GlobalIndex.build(8, kind), GlobalIndex.build(8, kind)
+    first.add(mine)
+    second.add(other)
+    first.save(tmp_path / "ix")
+    second.save(tmp_path / "ix")  # same segment name, other vectors
+    first.add(more)
+    first.save(tmp_path / "ix")
+    _, ids = GlobalIndex.load(tmp_path / "ix").search(np.concatenate([mine, more]), 1)
+    assert ids[:, 0].tolist() == list(range(8))
+
+    def no_links(src, dst):
+        raise OSError("links are not supported here")
+
+    monkeypatch.setattr(os, "link", no_links)
+    grown = GlobalIndex.load(tmp_path / "ix")
+    grown.add(unit(rng.normal(size=(1, 8))))
+    grown.save(tmp_path / "copied")
+    files = segment_files(tmp_path / "copied")
+    assert files == [*segment_files(tmp_path / "ix"), f"segment-{8:012d}-{9:012d}.npy"]
+    copied, linked_from = (os.stat(tmp_path / d / files[0]) for d in ("copied", "ix"))
+    assert copied.st_ino != linked_from.st_ino and copied.st_size == linked_from.st_size
+    a, b = GlobalIndex.load(tmp_path / "copied").search(mine, 3), grown.search(mine, 3)
+    np.testing.assert_array_equal(a[1], b[1])
+
+
+@pytest.mark.parametrize("kind", ["flat", "torch"])
+def test_a_format_1_index_still_loads_and_grows(tmp_path, kind):
+    """Indexes saved before segments (one ``index.faiss`` or ``vectors.npy``) load, search and
+    grow; the old file becomes the first segment."""
+    rng = np.random.default_rng(15)
+    db, q = unit(rng.normal(size=(40, 8))), unit(rng.normal(size=(3, 8)))
+    old = tmp_path / "ix"
+    old.mkdir()
+    if kind == "flat":
+        flat = faiss.IndexFlatIP(8)
+        flat.add(db[:30])
+        faiss.write_index(flat, str(old / "index.faiss"))
+    else:
+        np.save(old / "vectors.npy", db[:30])
+    meta = {"format": 1, "kind": kind, "dim": 8, "metric": "inner_product", "count": 30}
+    (old / "index.json").write_text(json.dumps({**meta, "options": {}}))
+    (old / "names.json").write_text(json.dumps([str(i) for i in range(30)]))
+    index = GlobalIndex.load(old)
+    np.testing.assert_array_equal(index.search(q, 5)[1], brute_force(q, db[:30], 5)[1])
+    index.add(db[30:])
+    index.save(old)
+    assert segment_files(old)[0] == global_index.FORMAT_1_FILE[kind]
+    grown = GlobalIndex.load(old)
+    assert json.loads((old / "index.json").read_text())["format"] == 2 and len(grown) == 40
+    np.testing.assert_array_equal(grown.search(q, 40)[1], brute_force(q, db, 40)[1])
+
+
+@pytest.mark.parametrize("kind", ["flat", "torch"])
+def test_an_empty_exact_index_round_trips(tmp_path, kind):
+    GlobalIndex.build(8, kind).save(tmp_path / "ix")
+    loaded = GlobalIndex.load(tmp_path / "ix")
+    assert len(loaded) == 0 and segment_files(tmp_path / "ix") == []
+    loaded.add(unit(np.random.default_rng(16).normal(size=(2, 8))), ["a", "b"])
+    loaded.save(tmp_path / "ix")
+    assert GlobalIndex.load(tmp_path / "ix").names == ["a", "b"]

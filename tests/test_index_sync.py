@@ -205,7 +205,7 @@ def test_added_images_are_appended_to_the_saved_global_index(built, tmp_path, mo
     assert added == [2] and not grown.trained
     monkeypatch.undo()
     fresh = build_index(images, tmp_path / "fresh", config)
-    a = GlobalIndex.load(tmp_path / "grown" / "faiss", mmap=True)
+    a = GlobalIndex.load(tmp_path / "grown" / "faiss")
     b = GlobalIndex.load(tmp_path / "fresh" / "faiss")
     assert sorted(a.names) == sorted(b.names) and len(a) == 12
     query = tmp_path / "query.png"
