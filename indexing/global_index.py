@@ -478,8 +478,10 @@ class _Segments:
             self.segments.append(_Segment(np.array(x, np.float32)))
 
     def rows(self) -> list[np.ndarray]:
-        """Each segment's ``[n, D]`` rows in id order (views, no copy)."""
-        return [s.rows for s in self.segments]
+        """Each segment's ``[n, D]`` rows in id order, as plain ndarray views (no copy): once
+        ``faiss.contrib.torch_utils`` is imported (pytorch-metric-learning does), FAISS takes
+        any array whose type is not exactly ``np.ndarray``, a memmap too, for a torch tensor."""
+        return [np.asarray(s.rows) for s in self.segments]
 
     def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Exact top-``k`` with FAISS: each segment scanned, the lists merged."""

@@ -338,7 +338,7 @@ index.add(x[:200])
 index.add(x[200:])
 index.save(__import__("pathlib").Path({str(tmp_path / "idx")!r}))
 loaded = GlobalIndex.load(__import__("pathlib").Path({str(tmp_path / "idx")!r}))
-assert all(isinstance(r, np.memmap) for r in loaded._backend.rows())
+assert all(isinstance(s.rows, np.memmap) for s in loaded._backend.segments)
 sims, ids = loaded.search(x[:5], 10)
 want = np.argsort(-(x[:5] @ x.T), axis=1, kind="stable")[:, :10]
 assert (ids == want).all(), (ids, want)
@@ -458,3 +458,26 @@ def test_an_empty_exact_index_round_trips(tmp_path, kind):
     loaded.add(unit(np.random.default_rng(16).normal(size=(2, 8))), ["a", "b"])
     loaded.save(tmp_path / "ix")
     assert GlobalIndex.load(tmp_path / "ix").names == ["a", "b"]
+
+
+def test_mapped_segments_search_after_faiss_torch_utils_is_imported(tmp_path):
+    """pytorch-metric-learning imports ``faiss.contrib.torch_utils``, which makes FAISS take a
+    memmap for a torch tensor; a loaded (mapped) flat index must still search and grow."""
+    script = f"""
+import faiss.contrib.torch_utils
+import numpy as np
+from pathlib import Path
+from locore.indexing.global_index import GlobalIndex
+x = np.random.default_rng(0).normal(size=(60, 8)).astype(np.float32)
+x /= np.linalg.norm(x, axis=1, keepdims=True)
+index = GlobalIndex.build(8)
+index.add(x[:40])
+index.save(Path({str(tmp_path / "ix")!r}))
+loaded = GlobalIndex.load(Path({str(tmp_path / "ix")!r}))
+loaded.add(x[40:])
+_, ids = loaded.search(x[:5], 10)
+assert (ids == np.argsort(-(x[:5] @ x.T), axis=1, kind="stable")[:, :10]).all(), ids
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
