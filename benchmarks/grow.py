@@ -128,7 +128,7 @@ def write_base(out: Path, n: int, overrides: list[str], kind: str, seed: int) ->
             raw.write(globals_.tobytes())
             if start == 0:
                 vectors.train(globals_)  # ivfpq codebooks from the first chunk; others: no-op
-            vectors.add(globals_, names=names[start : start + size])
+    vectors.add_file(index / GLOBAL_FILE, 0, names)  # as `locore index` fills it
     vectors.save(index / INDEX_SUBDIR)
     done = {
         "spec": record,
@@ -138,13 +138,17 @@ def write_base(out: Path, n: int, overrides: list[str], kind: str, seed: int) ->
         "store_bytes": (index / LOCAL_FILE).stat().st_size,
         "global_bytes": (index / GLOBAL_FILE).stat().st_size,
         "index_bytes": _size(index / INDEX_SUBDIR),
+        "index_own_bytes": _size(index / INDEX_SUBDIR, own=True),
     }
     write_text(marker, json.dumps(done, indent=1))
     return done
 
 
-def _size(path: Path) -> int:
-    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+def _size(path: Path, own: bool = False) -> int:
+    """Bytes of the files under ``path``; ``own``: only files not linked from elsewhere (an
+    exact global index links ``global.f32``)."""
+    stats = [p.stat() for p in Path(path).rglob("*") if p.is_file()]
+    return sum(st.st_size for st in stats if not own or st.st_nlink == 1)
 
 
 def add_images(images: Path, count: int, seed: int) -> Path:
@@ -248,7 +252,8 @@ def report(result: dict) -> str:
     lines = [
         f"Base: {spec['n']:,} images, {spec['kind']} global index, demo preset with "
         f"{', '.join(spec['overrides'])}; store {base['store_bytes'] / 1e9:.2f} GB, raw globals "
-        f"{base['global_bytes'] / 1e9:.2f} GB, global index {base['index_bytes'] / 1e9:.2f} GB.",
+        f"{base['global_bytes'] / 1e9:.2f} GB, global index {base['index_bytes'] / 1e9:.2f} GB "
+        f"({base['index_own_bytes'] / 1e9:.2f} GB not shared with the raw globals).",
         "",
         f"`locore index` adding {result['add']:,} images: wall {grow['wall_s']} s, CPU "
         f"{grow['cpu_s']} s, peak RSS {grow['peak_rss_mb']:,} MB, read {grow['read_mb']:,} MB, "

@@ -303,9 +303,10 @@ def _update_global_index(
     A saved index of the configured kind and options is kept: when the store only grew (every
     indexed name still first, in order), just the new rows are added, so adding 10,000 images
     to a 1M-image index encodes 10,000 vectors (ivfpq keeps its trained codebooks; a fresh build
-    would train them on the new collection) and an exact index writes only those rows to disk;
-    after removals it is emptied and refilled, since ids shift down; it is left alone when no
-    descriptor changed. Any other index is rebuilt.
+    would train them on the new collection). An exact index writes no rows at all: it holds
+    ``global.f32`` by a hard link (:meth:`GlobalIndex.add_file`). After removals it is emptied and
+    refilled, since ids shift down; it is left alone when no descriptor changed. Any other index
+    is rebuilt.
     """
     directory = out / INDEX_SUBDIR
     options = {k: v for k, v in config.index.options.items() if k != "device"}
@@ -332,8 +333,8 @@ def _update_global_index(
     if index.names != names[:kept]:
         index.clear()
         kept = 0
-    if kept < len(names):
-        index.add(np.asarray(globals_[kept:]), names=names[kept:])
+    if kept < len(names):  # an exact index shares global.f32 instead of copying it
+        index.add_file(out / GLOBAL_FILE, kept, names[kept:])
     index.save(directory)
     return trained
 

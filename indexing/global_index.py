@@ -2,11 +2,12 @@
 
 Kinds:
 
-* ``flat`` (default): FAISS ``IndexFlatIP``, exact. On ``device="cuda"`` it searches with
-  faiss-gpu when that imports, else with the torch path below, so a GPU is used either way.
+* ``flat`` (default): exact, FAISS's brute-force inner product (``faiss.knn``, the kernel of
+  ``IndexFlatIP``). On ``device="cuda"`` it searches with faiss-gpu when that imports, else with
+  the torch path below, so a GPU is used either way.
 * ``torch``: exact, searched by torch: matmul + top-k over database chunks, merged (float16 on
-  CUDA, float32 on CPU, where it equals brute force). Its vectors are plain ``.npy`` files,
-  so this kind needs no faiss at all (GPU images may not ship it).
+  CUDA, float32 on CPU, where it equals brute force). Stored like ``flat`` (plain arrays), so
+  this kind needs no faiss at all (GPU images may not ship it).
 * ``ivfpq``: IVF-PQ trained on a sample, for collections whose float vectors should not be
   scanned; candidates are re-scored from a float16 copy (``refine``) to keep recall@100 >= 0.95.
 * ``hnsw``: FAISS HNSW graph over the float vectors (approximate, no training).
@@ -14,9 +15,10 @@ Kinds:
 Descriptors must be L2-normalised (checked), so inner product is cosine similarity. A saved index
 is a folder: ``names.json`` (id -> image name), ``index.json`` (format, kind, dim, metric, count,
 options, segments) and the vectors: ``index.faiss`` for ivfpq and hnsw; for the exact kinds one
-file per segment (:class:`_Segments`), memory-mapped on load, so opening a 1M-image index reads
-nothing and growing it writes only the new rows. A save writes a temporary folder and renames it
-into place. A save killed between its two renames leaves the previous index as ``.<name>.old``:
+file per segment (:class:`_Segments`: ``.npy``, or a hard link to the raw ``global.f32`` the
+rows came from), memory-mapped on load, so opening a 1M-image index reads nothing and growing
+it writes at most the new rows. A save writes a temporary folder and renames it into place. A
+save killed between its two renames leaves the previous index as ``.<name>.old``:
 :meth:`GlobalIndex.load` reads it, and :func:`recover` (called by writers) renames it back and
 deletes the temporary folders of killed saves.
 """
@@ -218,6 +220,22 @@ class GlobalIndex:
         self.names.extend(str(n) for n in names)
         self._gpu_index = self._device_db = None
 
+    def add_file(self, path: Path, start: int, names: Sequence[str]) -> None:
+        """Append rows ``start`` to ``start + len(names)`` of the raw float32 file ``path``
+        ``[*, D]`` (the extraction's ``global.f32``). Exact kinds keep them by reference and a
+        save hard-links the file, so the index and the extraction share one copy; that is sound
+        because such a file is only appended to or replaced, never rewritten in place. Other
+        kinds read and encode the rows."""
+        path = Path(path)
+        rows = _raw_rows(path, int(start), len(names), self.dim)
+        if self.kind not in EXACT:
+            self.add(rows, names)
+            return
+        check_vectors(rows, self.dim, f"descriptors in {path}")
+        self._backend.add_file(path, int(start), rows)
+        self.names.extend(str(n) for n in names)
+        self._gpu_index = self._device_db = None
+
     def search(
         self, q: np.ndarray, k: int, exclude: Sequence[set[int]] | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
@@ -309,7 +327,7 @@ class GlobalIndex:
                 "options": self.options,
             }
             if self.kind in EXACT:
-                meta["segments"] = files = self._backend.save(tmp)
+                meta["segments"] = entries = self._backend.save(tmp)
             else:
                 import faiss
 
@@ -328,7 +346,7 @@ class GlobalIndex:
         _fsync_path(directory.parent)
         shutil.rmtree(old, ignore_errors=True)
         if self.kind in EXACT:
-            self._backend.saved_in(directory, files)
+            self._backend.saved_in(directory, entries)
 
     @classmethod
     def load(cls, directory: Path, device: str = "cpu", dim: int | None = None) -> GlobalIndex:
@@ -347,8 +365,13 @@ class GlobalIndex:
         try:
             meta = json.loads(meta_path.read_text())
             kind, stored_dim, version = meta["kind"], int(meta["dim"]), int(meta.get("format", 1))
-            files = meta["segments"] if "segments" in meta else [FORMAT_1_FILE.get(kind)]
-            segments = [str(f) for f in files]
+            if "segments" in meta:
+                segments = [
+                    {"file": str(e["file"]), "start": int(e["start"]), "rows": int(e["rows"])}
+                    for e in meta["segments"]
+                ]
+            else:  # format 1: one file
+                segments = [{"file": FORMAT_1_FILE.get(kind), "start": 0, "rows": None}]
         except (ValueError, KeyError, TypeError):
             raise UserError(f"{meta_path} is damaged; rebuild the index") from None
         if version > FORMAT:
@@ -402,68 +425,78 @@ def _read_faiss(path: Path, mmap: bool = False):
 
 @dataclasses.dataclass
 class _Segment:
-    """Rows ``[n, D]`` float32 of an exact index. ``file``: its file once saved, never written
-    again, and that file's ``(device, inode)`` (another index saved over the folder may hold a
-    file of the same name). ``owner``: the FAISS index whose memory ``rows`` views (format 1)."""
+    """Rows ``[n, D]`` float32 of an exact index, and where their bytes live: ``origin`` (a
+    file, its ``(device, inode)`` and the row they start at), or nowhere yet (added in memory).
+    ``owner``: the FAISS index whose memory ``rows`` views (a format-1 flat file)."""
 
     rows: np.ndarray
-    file: str | None = None
+    origin: Path | None = None
     inode: tuple[int, int] | None = None
+    start: int = 0
     owner: Any = None
 
-    def on_disk(self, folder: Path | None) -> bool:
-        """True when ``folder`` still holds this segment's own file."""
-        if self.file is None or folder is None:
-            return False
+    @property
+    def raw(self) -> bool:
+        """Rows of a raw float32 file that may hold more rows (``global.f32``)."""
+        return self.origin is not None and self.origin.suffix == ".f32"
+
+    def on_disk(self) -> bool:
+        """True when ``origin`` is still this segment's file (another index saved over its
+        folder may hold a file of the same name)."""
         try:
-            st = os.stat(folder / self.file)
+            return self.origin is not None and _inode(self.origin) == self.inode
         except OSError:
             return False
-        return (st.st_dev, st.st_ino) == self.inode
 
 
 class _Segments:
-    """The exact kinds' vectors: immutable ``.npy`` segments, memory-mapped on load.
+    """The exact kinds' vectors: segments of immutable rows, memory-mapped on load.
 
-    Rows added to a loaded index form a new segment, and a save hard-links the files it already
-    has into the new folder, so adding 10,000 images to a 1M-image index reads none of the 1M
-    rows and writes only the 10,000 (one FAISS flat file was read, reallocated and rewritten
-    whole: 5 GB written, 12 GB of peak memory). Like a binary counter, the newest two files
-    merge whenever the older is not larger: adds of n rows leave at most log2(N / n) + 1 files
-    and rewrite each row O(log(N / n)) times. Files are written block by block from their
-    parts, never joined in memory. ``flat`` searches the segments with ``faiss.knn`` and merges
-    them with ``faiss.ResultHeap``; ``torch`` with torch (no faiss needed). Answers the faiss
-    index calls :class:`GlobalIndex` makes (``ntotal``, ``d``, ``add``, ``reset``)."""
+    A segment is a ``.npy`` file, or a range of a raw float32 file that is only ever appended
+    to or replaced (the extraction's ``global.f32``: :meth:`add_file`), so the index shares that
+    file's bytes instead of holding a second copy. A save hard-links every file it already has
+    into the new folder (copied where the file system cannot link) and writes only rows added in
+    memory, so growing a 1M-image index reads none of its rows and writes at most the new ones
+    (one FAISS flat file was read, reallocated and rewritten whole: 5 GB written, 12 GB of peak
+    memory). ``.npy`` segments after the last raw one merge like a binary counter, the newest two
+    whenever the older is not larger: adds of n rows leave at most log2(N / n) + 1 files and
+    rewrite each row O(log(N / n)) times, block by block, never joined in memory. ``flat``
+    searches the segments with ``faiss.knn`` and merges them with ``faiss.ResultHeap``;
+    ``torch`` with torch (no faiss needed). Answers the faiss index calls :class:`GlobalIndex`
+    makes (``ntotal``, ``d``, ``add``, ``reset``)."""
 
     is_trained = True
 
     def __init__(self, dim: int):
         self.d = dim
         self.segments: list[_Segment] = []
-        self.source: Path | None = None  # the folder holding the saved segments' files
 
     @classmethod
-    def load(cls, directory: Path, files: Sequence[str], dim: int) -> _Segments:
+    def load(cls, directory: Path, entries: Sequence[dict], dim: int) -> _Segments:
+        """``entries``: ``{"file", "start", "rows"}`` per segment, as :meth:`save` wrote them."""
         store = cls(dim)
-        for file in files:
-            path = Path(directory) / file
-            if file.endswith(".faiss"):  # format 1's flat index: its vectors, mapped
+        for entry in entries:
+            path, start, n = Path(directory) / entry["file"], entry["start"], entry["rows"]
+            owner = None
+            if path.suffix == ".faiss":  # format 1's flat index: its vectors, mapped
                 import faiss
 
-                flat = _read_faiss(path, mmap=True)
-                n, d = int(flat.ntotal), int(flat.d)
-                rows = faiss.rev_swig_ptr(flat.get_xb(), n * d).reshape(n, d)
-                store.segments.append(_Segment(rows, file, _inode(path), flat))
-                continue
-            try:
-                # copy-on-write: a writable view for torch.from_numpy; the file is never written
-                rows = np.load(path, mmap_mode="c", allow_pickle=False)
-            except (OSError, ValueError):
-                raise UserError(f"{path} is missing or damaged; rebuild the index") from None
+                owner = _read_faiss(path, mmap=True)
+                size = int(owner.ntotal) * int(owner.d)
+                rows = faiss.rev_swig_ptr(owner.get_xb(), size).reshape(-1, int(owner.d))
+            elif path.suffix == ".f32":
+                rows = _raw_rows(path, start, n, dim)
+            else:
+                try:
+                    # copy-on-write: writable for torch.from_numpy; the file is never written
+                    rows = np.load(path, mmap_mode="c", allow_pickle=False)
+                except (OSError, ValueError):
+                    raise UserError(f"{path} is missing or damaged; rebuild the index") from None
             if rows.ndim != 2 or rows.dtype != np.float32 or rows.shape[1] != dim:
                 raise UserError(f"{path} holds {rows.dtype} {rows.shape}, not [N, {dim}] float32")
-            store.segments.append(_Segment(rows, file, _inode(path)))
-        store.source = Path(directory)
+            if n is not None and len(rows) != n:
+                raise UserError(f"{path} holds {len(rows)} rows, not {n}; rebuild the index")
+            store.segments.append(_Segment(rows, path, _inode(path), start, owner))
         return store
 
     @property
@@ -476,6 +509,19 @@ class _Segments:
     def add(self, x: np.ndarray) -> None:
         if len(x):
             self.segments.append(_Segment(np.array(x, np.float32)))
+
+    def add_file(self, path: Path, start: int, rows: np.ndarray) -> None:
+        """Append ``rows``, rows ``start`` on of the raw float32 file ``path``, by reference."""
+        if not len(rows):
+            return
+        inode = _inode(path)
+        last = self.segments[-1] if self.segments else None
+        if last and last.raw and last.inode == inode and last.start + len(last.rows) == start:
+            # the file grew since the last save: one longer range of it
+            rows = _raw_rows(path, last.start, len(last.rows) + len(rows), self.d)
+            self.segments[-1] = _Segment(rows, Path(path), inode, last.start)
+        else:
+            self.segments.append(_Segment(rows, Path(path), inode, start))
 
     def rows(self) -> list[np.ndarray]:
         """Each segment's ``[n, D]`` rows in id order, as plain ndarray views (no copy): once
@@ -496,30 +542,35 @@ class _Segments:
         heap.finalize()
         return heap.D, heap.I
 
-    def save(self, folder: Path) -> list[str]:
-        """Put every segment's file into ``folder`` (a new index folder) and return their names
-        in id order: files already saved are hard-linked (copied where the file system cannot
-        link); the rows added since, and merged files, are written under their id range."""
+    def save(self, folder: Path) -> list[dict]:
+        """Put every segment's file into ``folder`` (a new index folder), named by its id
+        range, and return their entries in id order (see :meth:`load`)."""
         groups: list[list[_Segment]] = []  # the segments each file will hold
         for segment in self.segments:
-            if segment.file is None and groups and groups[-1][-1].file is None:
-                groups[-1].append(segment)  # rows added since the last save: one file
+            if segment.origin is None and groups and groups[-1][-1].origin is None:
+                groups[-1].append(segment)  # rows added in memory since the last save: one file
             else:
                 groups.append([segment])
         size = lambda group: sum(len(s.rows) for s in group)  # noqa: E731
-        while len(groups) > 1 and size(groups[-2]) <= size(groups[-1]):
+        shared = lambda group: any(s.raw for s in group)  # noqa: E731
+        while (
+            len(groups) > 1
+            and not (shared(groups[-2]) or shared(groups[-1]))
+            and size(groups[-2]) <= size(groups[-1])
+        ):
             groups[-2:] = [groups[-2] + groups[-1]]
-        files, start = [], 0
+        entries, first_id = [], 0
         for group in groups:
-            n = size(group)
-            if len(group) == 1 and group[0].on_disk(self.source):
-                file = group[0].file
+            n, head = size(group), group[0]
+            kept = len(group) == 1 and head.on_disk()
+            suffix = head.origin.suffix if kept else ".npy"
+            file = f"segment-{first_id:012d}-{first_id + n:012d}{suffix}"
+            if kept:
                 try:
-                    os.link(self.source / file, folder / file)
+                    os.link(head.origin, folder / file)
                 except OSError:
-                    shutil.copyfile(self.source / file, folder / file)
+                    shutil.copyfile(head.origin, folder / file)
             else:
-                file = f"segment-{start:012d}-{start + n:012d}.npy"
                 out = np.lib.format.open_memmap(
                     folder / file, mode="w+", dtype=np.float32, shape=(n, self.d)
                 )
@@ -530,14 +581,26 @@ class _Segments:
                 out.flush()
                 del out
             _fsync_path(folder / file)
-            files.append(file)
-            start += n
-        return files
+            entries.append({"file": file, "start": head.start if kept else 0, "rows": n})
+            first_id += n
+        return entries
 
-    def saved_in(self, directory: Path, files: Sequence[str]) -> None:
+    def saved_in(self, directory: Path, entries: Sequence[dict]) -> None:
         """After a save moved into ``directory``: map its files, so memory holds no rows."""
-        self.segments = _Segments.load(directory, files, self.d).segments
-        self.source = Path(directory)
+        self.segments = _Segments.load(directory, entries, self.d).segments
+
+
+def _raw_rows(path: Path, start: int, n: int, dim: int) -> np.ndarray:
+    """Rows ``[start, start + n)`` of a raw float32 ``[*, dim]`` file, mapped copy-on-write."""
+    if n == 0:
+        return np.empty((0, dim), np.float32)
+    try:
+        return np.memmap(path, "<f4", "c", offset=4 * dim * start, shape=(n, dim))
+    except (OSError, ValueError):
+        raise UserError(
+            f"{path} does not hold rows {start} to {start + n} of {dim} float32 values; "
+            "re-run extraction or rebuild the index"
+        ) from None
 
 
 def _inode(path: Path) -> tuple[int, int]:

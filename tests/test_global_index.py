@@ -259,10 +259,10 @@ def test_load_checks_the_saved_index(tmp_path):
         GlobalIndex.load(tmp_path / "ix")
     meta_path.write_text(json.dumps(meta))
     (tmp_path / "ix" / "names.json").write_text(json.dumps(list("abcdef")))
-    (tmp_path / "ix" / meta["segments"][0]).write_bytes(b"garbage")
+    (tmp_path / "ix" / meta["segments"][0]["file"]).write_bytes(b"garbage")
     with pytest.raises(UserError, match="damaged"):
         GlobalIndex.load(tmp_path / "ix")
-    (tmp_path / "ix" / meta["segments"][0]).unlink()
+    (tmp_path / "ix" / meta["segments"][0]["file"]).unlink()
     with pytest.raises(UserError, match="missing or damaged"):
         GlobalIndex.load(tmp_path / "ix")
     with pytest.raises(UserError, match="no saved index"):
@@ -349,7 +349,7 @@ print("ok")
 
 
 def segment_files(directory) -> list[str]:
-    return json.loads((directory / "index.json").read_text())["segments"]
+    return [e["file"] for e in json.loads((directory / "index.json").read_text())["segments"]]
 
 
 @pytest.mark.parametrize("kind", ["flat", "torch"])
@@ -426,7 +426,7 @@ def test_a_segment_is_linked_only_from_its_own_file(tmp_path, monkeypatch, kind)
 @pytest.mark.parametrize("kind", ["flat", "torch"])
 def test_a_format_1_index_still_loads_and_grows(tmp_path, kind):
     """Indexes saved before segments (one ``index.faiss`` or ``vectors.npy``) load, search and
-    grow; the old file becomes the first segment."""
+    grow; the old file becomes the first segment, under a new name."""
     rng = np.random.default_rng(15)
     db, q = unit(rng.normal(size=(40, 8))), unit(rng.normal(size=(3, 8)))
     old = tmp_path / "ix"
@@ -442,9 +442,10 @@ def test_a_format_1_index_still_loads_and_grows(tmp_path, kind):
     (old / "names.json").write_text(json.dumps([str(i) for i in range(30)]))
     index = GlobalIndex.load(old)
     np.testing.assert_array_equal(index.search(q, 5)[1], brute_force(q, db[:30], 5)[1])
+    old_inode = os.stat(old / global_index.FORMAT_1_FILE[kind]).st_ino
     index.add(db[30:])
     index.save(old)
-    assert segment_files(old)[0] == global_index.FORMAT_1_FILE[kind]
+    assert os.stat(old / segment_files(old)[0]).st_ino == old_inode  # linked, not rewritten
     grown = GlobalIndex.load(old)
     assert json.loads((old / "index.json").read_text())["format"] == 2 and len(grown) == 40
     np.testing.assert_array_equal(grown.search(q, 40)[1], brute_force(q, db, 40)[1])
@@ -481,3 +482,50 @@ print("ok")
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+@pytest.mark.parametrize("kind", ["flat", "torch"])
+def test_rows_of_a_raw_file_are_shared_not_copied(tmp_path, kind):
+    """``add_file``: an exact index holds the extraction's ``global.f32`` by a hard link; rows
+    appended to that file extend the same segment; a replaced file (what removing images does)
+    leaves the saved rows as they were; rows past the file's end are a one-line error."""
+    rng = np.random.default_rng(17)
+    db, q = unit(rng.normal(size=(50, 8))), unit(rng.normal(size=(4, 8)))
+    raw = tmp_path / "global.f32"
+    db[:30].tofile(raw)
+    index = GlobalIndex.build(8, kind)
+    index.add_file(raw, 0, [f"i{i}" for i in range(30)])
+    index.save(tmp_path / "ix")
+    with open(raw, "ab") as f:  # the extraction appends
+        f.write(db[30:40].tobytes())
+    grown = GlobalIndex.load(tmp_path / "ix")
+    grown.add_file(raw, 30, [f"i{i}" for i in range(30, 40)])
+    grown.save(tmp_path / "ix")
+    meta = json.loads((tmp_path / "ix" / "index.json").read_text())
+    assert [(e["start"], e["rows"]) for e in meta["segments"]] == [(0, 40)]
+    linked = tmp_path / "ix" / meta["segments"][0]["file"]
+    assert os.stat(linked).st_ino == os.stat(raw).st_ino
+    np.testing.assert_array_equal(GlobalIndex.load(tmp_path / "ix").search(q, 40)[1],
+                                  brute_force(q, db[:40], 40)[1])  # fmt: skip
+    # removing images writes a new file under the same name: the index keeps the old rows
+    replaced = tmp_path / "new.f32"
+    np.concatenate([unit(rng.normal(size=(40, 8))), db[40:]]).tofile(replaced)
+    os.replace(replaced, raw)
+    again = GlobalIndex.load(tmp_path / "ix")
+    again.add_file(raw, 40, [f"i{i}" for i in range(40, 50)])  # rows 40-49 of the new file
+    again.save(tmp_path / "ix")
+    np.testing.assert_array_equal(GlobalIndex.load(tmp_path / "ix").search(q, 50)[1],
+                                  brute_force(q, db, 50)[1])  # fmt: skip
+    assert len(segment_files(tmp_path / "ix")) == 2
+    with pytest.raises(UserError, match="does not hold rows 45 to 55 of 8 float32"):
+        again.add_file(raw, 45, [str(i) for i in range(10)])
+
+
+def test_rows_of_a_raw_file_are_encoded_by_compressed_kinds(tmp_path):
+    rng = np.random.default_rng(18)
+    db, q = clustered(rng, 600, 16, 4)
+    db.tofile(tmp_path / "global.f32")
+    index = GlobalIndex.build(16, "hnsw")
+    index.add_file(tmp_path / "global.f32", 100, [str(i) for i in range(500)])
+    assert len(index) == 500 and index.names[0] == "0"
+    assert recall(index.search(q, 20)[1], brute_force(q, db[100:], 20)[1]) >= 0.9

@@ -194,16 +194,24 @@ def test_added_images_are_appended_to_the_saved_global_index(built, tmp_path, mo
     write(images / "new_a.png", photo("astronaut")[:96])
     write(images / "new_b.png", photo("coffee")[20:, 10:])
     added = []
-    original = GlobalIndex.add
+    original = GlobalIndex.add_file
     monkeypatch.setattr(
         GlobalIndex,
-        "add",
-        lambda self, x, names=None: (added.append(len(x)), original(self, x, names)),
+        "add_file",
+        lambda self, path, start, names: (
+            added.append(len(names)),
+            original(self, path, start, names),
+        ),
     )
     grown = build_index(images, tmp_path / "grown", config)
     assert grown.sync == SyncReport(added=2, changed=0, removed=0, unchanged=10)
     assert added == [2] and not grown.trained
     monkeypatch.undo()
+    # the index holds no copy of the globals: its one segment is global.f32, hard-linked
+    meta = json.loads((tmp_path / "grown" / "faiss" / "index.json").read_text())
+    assert [(e["start"], e["rows"]) for e in meta["segments"]] == [(0, 12)]
+    segment = tmp_path / "grown" / "faiss" / meta["segments"][0]["file"]
+    assert os.stat(segment).st_ino == os.stat(tmp_path / "grown" / GLOBAL_FILE).st_ino
     fresh = build_index(images, tmp_path / "fresh", config)
     a = GlobalIndex.load(tmp_path / "grown" / "faiss")
     b = GlobalIndex.load(tmp_path / "fresh" / "faiss")
