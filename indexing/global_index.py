@@ -53,6 +53,7 @@ REFINE = ("fp16", "flat", "none")
 META_FILE, NAMES_FILE, INDEX_FILE = "index.json", "names.json", "index.faiss"
 EXACT = ("flat", "torch")  # kinds that keep the float vectors, in segments
 FORMAT_1_FILE = {"flat": INDEX_FILE, "torch": "vectors.npy"}  # before segments: one file
+RAW_SUFFIX = ".f32"  # a segment linked from a raw float32 file (global.f32, the official *.pt)
 METRIC = "inner_product"
 FORMAT = 2  # 2: exact kinds list their segment files in index.json ("segments")
 
@@ -434,11 +435,7 @@ class _Segment:
     inode: tuple[int, int] | None = None
     start: int = 0
     owner: Any = None
-
-    @property
-    def raw(self) -> bool:
-        """Rows of a raw float32 file that may hold more rows (``global.f32``)."""
-        return self.origin is not None and self.origin.suffix == ".f32"
+    raw: bool = False  # ``origin`` is a raw float32 file that may hold more rows (global.f32)
 
     def on_disk(self) -> bool:
         """True when ``origin`` is still this segment's file (another index saved over its
@@ -484,7 +481,7 @@ class _Segments:
                 owner = _read_faiss(path, mmap=True)
                 size = int(owner.ntotal) * int(owner.d)
                 rows = faiss.rev_swig_ptr(owner.get_xb(), size).reshape(-1, int(owner.d))
-            elif path.suffix == ".f32":
+            elif path.suffix == RAW_SUFFIX:
                 rows = _raw_rows(path, start, n, dim)
             else:
                 try:
@@ -496,7 +493,8 @@ class _Segments:
                 raise UserError(f"{path} holds {rows.dtype} {rows.shape}, not [N, {dim}] float32")
             if n is not None and len(rows) != n:
                 raise UserError(f"{path} holds {len(rows)} rows, not {n}; rebuild the index")
-            store.segments.append(_Segment(rows, path, _inode(path), start, owner))
+            raw = path.suffix == RAW_SUFFIX
+            store.segments.append(_Segment(rows, path, _inode(path), start, owner, raw))
         return store
 
     @property
@@ -519,9 +517,9 @@ class _Segments:
         if last and last.raw and last.inode == inode and last.start + len(last.rows) == start:
             # the file grew since the last save: one longer range of it
             rows = _raw_rows(path, last.start, len(last.rows) + len(rows), self.d)
-            self.segments[-1] = _Segment(rows, Path(path), inode, last.start)
+            self.segments[-1] = _Segment(rows, Path(path), inode, last.start, raw=True)
         else:
-            self.segments.append(_Segment(rows, Path(path), inode, start))
+            self.segments.append(_Segment(rows, Path(path), inode, start, raw=True))
 
     def rows(self) -> list[np.ndarray]:
         """Each segment's ``[n, D]`` rows in id order, as plain ndarray views (no copy): once
@@ -563,7 +561,7 @@ class _Segments:
         for group in groups:
             n, head = size(group), group[0]
             kept = len(group) == 1 and head.on_disk()
-            suffix = head.origin.suffix if kept else ".npy"
+            suffix = (RAW_SUFFIX if head.raw else head.origin.suffix) if kept else ".npy"
             file = f"segment-{first_id:012d}-{first_id + n:012d}{suffix}"
             if kept:
                 try:

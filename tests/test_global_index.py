@@ -484,14 +484,15 @@ print("ok")
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
 
 
+@pytest.mark.parametrize("raw_name", ["global.f32", "dinov2_gallery_global.pt"])
 @pytest.mark.parametrize("kind", ["flat", "torch"])
-def test_rows_of_a_raw_file_are_shared_not_copied(tmp_path, kind):
+def test_rows_of_a_raw_file_are_shared_not_copied(tmp_path, kind, raw_name):
     """``add_file``: an exact index holds the extraction's ``global.f32`` by a hard link; rows
     appended to that file extend the same segment; a replaced file (what removing images does)
     leaves the saved rows as they were; rows past the file's end are a one-line error."""
     rng = np.random.default_rng(17)
     db, q = unit(rng.normal(size=(50, 8))), unit(rng.normal(size=(4, 8)))
-    raw = tmp_path / "global.f32"
+    raw = tmp_path / raw_name  # ours or the official raw layout
     db[:30].tofile(raw)
     index = GlobalIndex.build(8, kind)
     index.add_file(raw, 0, [f"i{i}" for i in range(30)])
