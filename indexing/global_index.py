@@ -509,7 +509,8 @@ class _Segments:
             self.segments.append(_Segment(np.array(x, np.float32)))
 
     def add_file(self, path: Path, start: int, rows: np.ndarray) -> None:
-        """Append ``rows``, rows ``start`` on of the raw float32 file ``path``, by reference."""
+        """Append ``rows`` ``[n, D]``, rows ``start`` to ``start + n`` of the raw float32 file
+        ``path``, by reference (no copy)."""
         if not len(rows):
             return
         inode = _inode(path)
@@ -549,8 +550,13 @@ class _Segments:
                 groups[-1].append(segment)  # rows added in memory since the last save: one file
             else:
                 groups.append([segment])
-        size = lambda group: sum(len(s.rows) for s in group)  # noqa: E731
-        shared = lambda group: any(s.raw for s in group)  # noqa: E731
+
+        def size(group: list[_Segment]) -> int:
+            return sum(len(s.rows) for s in group)
+
+        def shared(group: list[_Segment]) -> bool:  # raw files are linked, never merged
+            return any(s.raw for s in group)
+
         while (
             len(groups) > 1
             and not (shared(groups[-2]) or shared(groups[-1]))
