@@ -45,6 +45,12 @@ def brute_force(q: np.ndarray, db: np.ndarray, k: int) -> tuple[np.ndarray, np.n
     return np.take_along_axis(sims, ids, 1), ids
 
 
+def assert_sims_close(got: np.ndarray, want: np.ndarray, eps: float) -> None:
+    """Similarities agree within ``eps`` of the largest one compared (float32 sums round
+    differently across CPUs, BLAS builds and thread counts, in proportion to the values)."""
+    np.testing.assert_allclose(got, want, rtol=0, atol=eps * float(np.abs(want).max()))
+
+
 def recall(ids: np.ndarray, truth: np.ndarray) -> float:
     return float(np.mean([len(set(a) & set(b)) / truth.shape[1] for a, b in zip(ids, truth)]))
 
@@ -64,7 +70,7 @@ def test_exact_kinds_equal_brute_force(kind, options, k):
     want_sims, want_ids = brute_force(q, db, k)
     assert sims.dtype == np.float32 and ids.dtype == np.int64 and ids.shape == (5, k)
     np.testing.assert_array_equal(ids, want_ids)
-    np.testing.assert_allclose(sims, want_sims, atol=1e-5)
+    assert_sims_close(sims, want_sims, 1e-5)
 
 
 @pytest.mark.gpu
@@ -77,7 +83,7 @@ def test_exact_kinds_on_the_gpu(kind, device):
     sims, ids = index.search(q, 100)
     want_sims, want_ids = brute_force(q, db, 100)
     assert recall(ids, want_ids) >= 0.99  # float16 scores may swap near-ties
-    np.testing.assert_allclose(sims, want_sims, atol=2e-3)
+    assert_sims_close(sims, want_sims, 2e-3)
 
 
 def test_fewer_results_than_k_are_padded():
@@ -211,7 +217,7 @@ def test_clear_and_refill_keeps_the_training(tmp_path, kind, options):
     (sims_a, ids_a), (sims_b, ids_b) = index.search(q, 25), loaded.search(q, 25)
     np.testing.assert_array_equal(ids_a, ids_b)
     # unit vectors in 16-d: float32 inner products agree within 16 x 2^-24 (summation order)
-    np.testing.assert_allclose(sims_a, sims_b, rtol=0, atol=1e-6)
+    assert_sims_close(sims_a, sims_b, 2e-6)
 
 
 def test_recover_restores_or_drops_what_a_killed_save_left(tmp_path):
@@ -378,7 +384,7 @@ def test_a_grown_exact_index_keeps_its_files_and_writes_only_new_rows(tmp_path, 
         for got in (loaded.search(q, 30), reloaded.search(q, 30)):
             want_sims, want_ids = brute_force(q, db[:n], 30)
             np.testing.assert_array_equal(got[1], want_ids)
-            np.testing.assert_allclose(got[0], want_sims, rtol=0, atol=1e-6)
+            assert_sims_close(got[0], want_sims, 2e-6)
     assert sizes == [
         [100, 10],
         [100, 20],
